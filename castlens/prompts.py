@@ -1,0 +1,113 @@
+"""Prompts: zero-shot, few-shot and cross-task few-shot text for a task. Knows no model.
+
+A prompt is plain text; the chat template, if any, is applied when the text is tokenized
+(:func:`castlens.activations.tokenize`). Layout, with ``fmt`` a :class:`PromptFormat`::
+
+    zero-shot   = [instruction] + query
+    few-shot    = [instruction] + k demonstrations + query
+    cross-task  = [source instruction] + k source demonstrations + [target instruction] + target query
+
+each block separated by ``fmt.separator``; a demonstration is ``input\\nAnswer: output`` and the query ends at
+``\\nAnswer:``, so the zero- and few-shot prompts of one query end with the same tokens (CAST Sec. 3 reads the
+last token). Demonstrations are drawn with a seeded RNG and never include the query itself.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+from castlens.tasks import Example, Task, TaskError
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one task's examples become text. ``verbalizers`` maps a label to the text the model should produce."""
+
+    instruction: str | None = None
+    input_template: str = "{input}"
+    answer_prefix: str = "Answer:"
+    separator: str = "\n\n"
+    verbalizers: dict[str, str] = field(default_factory=dict)
+
+    def verbalize(self, label: str) -> str:
+        return self.verbalizers.get(label, label)
+
+    def render(self, ex: Example, with_answer: bool) -> str:
+        text = self.input_template.format(input=ex.input) + "\n" + self.answer_prefix
+        return text + " " + self.verbalize(ex.output) if with_answer else text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_format(task: Task) -> PromptFormat:
+    """The task's own instruction, else for classification a list of the allowed answers."""
+    instruction = task.instruction
+    if instruction is None and task.kind == "classification" and task.labels:
+        instruction = "Answer with one of: " + ", ".join(task.labels) + "."
+    return PromptFormat(instruction=instruction)
+
+
+def _join(fmt: PromptFormat, blocks: list[str | None]) -> str:
+    return fmt.separator.join(b for b in blocks if b)
+
+
+def zero_shot_prompt(query: Example, fmt: PromptFormat) -> str:
+    return _join(fmt, [fmt.instruction, fmt.render(query, False)])
+
+
+def few_shot_prompt(query: Example, demos: list[Example], fmt: PromptFormat) -> str:
+    return _join(fmt, [fmt.instruction, *(fmt.render(d, True) for d in demos), fmt.render(query, False)])
+
+
+def cross_task_prompt(query: Example, demos: list[Example], source_fmt: PromptFormat,
+                      target_fmt: PromptFormat) -> str:
+    """Source-task demonstrations, then the target instruction and query (cross-task ICL)."""
+    return _join(target_fmt, [source_fmt.instruction, *(source_fmt.render(d, True) for d in demos),
+                              target_fmt.instruction, target_fmt.render(query, False)])
+
+
+def sample_demos(pool: list[Example], k: int, rng: random.Random, exclude: Example | None = None,
+                 task: str = "?") -> list[Example]:
+    """``k`` distinct demonstrations from ``pool``; never one whose input equals ``exclude``'s input."""
+    candidates = [e for e in pool if exclude is None or e.input != exclude.input]
+    if k > len(candidates):
+        raise TaskError(f"task {task!r}: {k} demonstrations asked for, only {len(candidates)} available")
+    return rng.sample(candidates, k)
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """The zero- and few-shot prompt of one query, as the exact text given to the tokenizer (before any chat
+    template)."""
+
+    task: str
+    query: str
+    zero: str
+    few: str
+
+
+def contrastive_pairs(task: Task, n: int, k: int, seed: int = 0, split: str = "train",
+                      fmt: PromptFormat | None = None, fixed_demos: bool = False) -> list[PromptPair]:
+    """``n`` queries from ``split`` with their zero-shot and ``k``-shot prompts (demos from ``train``).
+
+    ``fixed_demos=True`` uses one demonstration set for every query (then no query is one of the demos).
+    """
+    fmt = fmt or default_format(task)
+    if n < 1 or k < 0:
+        raise TaskError(f"task {task.name!r}: need n >= 1 and k >= 0, got n={n}, k={k}")
+    rng = random.Random(f"{seed}:{task.name}:{split}:{n}:{k}")
+    pool = task.split(split)
+    train = task.split("train") if k else []
+    shared = sample_demos(train, k, rng, task=task.name) if fixed_demos else None
+    if shared is not None:
+        banned = {d.input for d in shared}
+        pool = [e for e in pool if e.input not in banned]
+    if n > len(pool):
+        raise TaskError(f"task {task.name!r}: {n} queries asked for, the {split} split has {len(pool)} usable")
+    pairs = []
+    for q in rng.sample(pool, n):
+        demos = shared if shared is not None else sample_demos(train, k, rng, exclude=q, task=task.name)
+        pairs.append(PromptPair(task.name, q.input, zero_shot_prompt(q, fmt), few_shot_prompt(q, demos, fmt)))
+    return pairs

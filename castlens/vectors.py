@@ -1,0 +1,243 @@
+"""Contrastive (few-shot minus zero-shot) steering vectors and their files.
+
+For a task with queries ``x_i`` and demonstrations ``D_i`` (CAST, arXiv 2507.13236, Sec. 3)::
+
+    delta_i[L] = h_L(D_i + x_i)[last] - h_L(x_i)[last]        # per sample, every layer L
+    v[L]       = mean_i delta_i[L]                            # the task's steering vector
+
+with ``h_L`` the residual stream after block ``L`` (``blocks.{L}.hook_resid_post``) at the last prompt token, in
+the model's raw residual coordinates. A :class:`SteeringVector` carries ``v`` as ``[n_layers, d_model]`` and its
+provenance; :func:`save_vectors` writes many of them as one safetensors file with a JSON file beside it that also
+lists every prompt pair, as the exact text given to the tokenizer, so anyone can recompute the vector.
+No pickle is used anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from castlens import __version__
+from castlens.activations import HOOK, last_token_resid, tokenize
+from castlens.models import WEIGHT_PROCESSING, model_name, tokenizer_of
+from castlens.prompts import PromptFormat, PromptPair, contrastive_pairs, default_format
+from castlens.tasks import Task, load_task
+
+FORMAT = "castlens.vectors/1"
+
+
+class VectorFileError(ValueError):
+    """A vector file that cannot be used: the message names the file and the problem."""
+
+
+@dataclass
+class SteeringVector:
+    """Per-layer directions of one task (or one construction) and where they came from."""
+
+    directions: Float[Tensor, "layer d_model"]
+    model: str
+    task: str
+    n_samples: int
+    shots: int
+    seed: int
+    method: str = "mean_difference"
+    hook: str = HOOK
+    position: str = "last"
+    prompt_format: dict = field(default_factory=dict)
+    chat: bool = False
+    prompts: list[dict] = field(default_factory=list)
+    weight_processing: str = WEIGHT_PROCESSING
+    castlens_version: str = __version__
+    samples: Float[Tensor, "sample layer d_model"] | None = None  # per-sample differences, optional
+
+    @property
+    def n_layers(self) -> int:
+        return self.directions.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.directions.shape[1]
+
+    def at(self, layer: int) -> Float[Tensor, "d_model"]:
+        return self.directions[layer]
+
+    def metadata(self) -> dict:
+        meta = {k: v for k, v in asdict(self).items() if k not in ("directions", "samples")}
+        return {**meta, "n_layers": self.n_layers, "d_model": self.d_model}
+
+    def check_model(self, model, where: str = "vector") -> None:
+        """Raise if this vector was not made for ``model`` (by name, width and depth)."""
+        name, d, n = model_name(model), model.cfg.d_model, model.cfg.n_layers
+        if self.model != name or self.d_model != d or self.n_layers != n:
+            raise VectorFileError(
+                f"{where}: made for model {self.model!r} ({self.n_layers} layers x d_model {self.d_model}), "
+                f"not for {name!r} ({n} layers x d_model {d})")
+
+
+def _prompt_records(model, pairs: Sequence[PromptPair], ids: Sequence[Sequence[int]], chat: bool) -> list[dict]:
+    """The exact text the tokenizer saw for each prompt, and whether its ids start with a BOS token."""
+    tok = tokenizer_of(model)
+    n = len(pairs)
+
+    def text(t: str) -> str:
+        return tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                       add_generation_prompt=True) if chat else t
+
+    return [{"query": p.query, "zero": text(p.zero), "few": text(p.few), "add_special_tokens": not chat,
+             "zero_starts_with_bos": bool(ids[i][0] == tok.bos_token_id),
+             "few_starts_with_bos": bool(ids[n + i][0] == tok.bos_token_id),
+             "zero_tokens": len(ids[i]), "few_tokens": len(ids[n + i])} for i, p in enumerate(pairs)]
+
+
+def contrastive_activations(model, pairs: Sequence[PromptPair], layers: Sequence[int] | None = None,
+                            batch_size: int = 16, chat: bool = False, progress: bool | None = None,
+                            ids: Sequence[Sequence[int]] | None = None
+                            ) -> tuple[Float[Tensor, "n layer d"], Float[Tensor, "n layer d"]]:
+    """Zero-shot and few-shot last-token activations of each pair (one batched pass over all prompts).
+
+    ``ids``: the token ids of ``[p.zero for p in pairs] + [p.few for p in pairs]`` if already tokenized."""
+    prompts = ids if ids is not None else [p.zero for p in pairs] + [p.few for p in pairs]
+    acts = last_token_resid(model, prompts, layers=layers, batch_size=batch_size, chat=chat, progress=progress)
+    return acts[: len(pairs)], acts[len(pairs):]
+
+
+def task_vector(model, task: Task | str, n: int, shots: int, seed: int = 0, fmt: PromptFormat | None = None,
+                chat: bool = False, batch_size: int = 16, keep_samples: bool = True,
+                progress: bool | None = None, data_dir: str | None = None) -> SteeringVector:
+    """The CAST mean-difference vector of ``task`` from ``n`` queries with ``shots`` demonstrations each."""
+    task = load_task(task, data_dir) if isinstance(task, str) else task
+    fmt = fmt or default_format(task)
+    pairs = contrastive_pairs(task, n, shots, seed=seed, fmt=fmt)
+    ids = tokenize(model, [p.zero for p in pairs] + [p.few for p in pairs], chat)
+    zero, few = contrastive_activations(model, pairs, batch_size=batch_size, progress=progress, ids=ids)
+    diffs = few - zero
+    return SteeringVector(
+        directions=diffs.mean(0), model=model_name(model), task=task.name, n_samples=n, shots=shots, seed=seed,
+        prompt_format=fmt.to_dict(), chat=chat, prompts=_prompt_records(model, pairs, ids, chat),
+        samples=diffs if keep_samples else None)
+
+
+def compute_vectors(model, tasks: Sequence[Task | str], n: int, shots: int, seed: int = 0, **kwargs
+                    ) -> dict[str, SteeringVector]:
+    """:func:`task_vector` for each task, keyed by task name."""
+    out = {}
+    for t in tasks:
+        v = task_vector(model, t, n, shots, seed=seed, **kwargs)
+        out[v.task] = v
+    return out
+
+
+# ---------------------------------------------------------------- files
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    elif p.suffix != ".safetensors":
+        p = p.with_name(p.name + ".safetensors")
+    return p, p.with_suffix(".json")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_vectors(path: str | os.PathLike, vectors: dict[str, SteeringVector] | SteeringVector) -> Path:
+    """Write ``vectors`` to ``<path>.safetensors`` plus ``<path>.json``; returns the safetensors path.
+
+    Each file is written to a temporary name and renamed, so a reader never sees a partial file; the JSON holds
+    the safetensors file's sha256, so a mismatched pair is detected on load.
+    """
+    if isinstance(vectors, SteeringVector):
+        vectors = {vectors.task: vectors}
+    if not vectors:
+        raise ValueError("no vectors to save")
+    tensors, meta = {}, {}
+    for key, v in vectors.items():
+        if not torch.isfinite(v.directions).all():
+            raise ValueError(f"vector {key!r} has NaN or inf values; refusing to save it")
+        tensors[key] = v.directions.detach().float().cpu().contiguous()
+        if v.samples is not None:
+            tensors[f"{key}/samples"] = v.samples.detach().float().cpu().contiguous()
+        meta[key] = v.metadata()
+    st_path, js_path = _paths(path)
+    blob = st_save(tensors)
+    doc = {"format": FORMAT, "safetensors": st_path.name, "sha256": hashlib.sha256(blob).hexdigest(),
+           "vectors": meta}
+    _atomic_write(st_path, blob)
+    _atomic_write(js_path, json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8"))
+    return st_path
+
+
+def load_vectors(path: str | os.PathLike, model=None) -> dict[str, SteeringVector]:
+    """Read a vector file written by :func:`save_vectors`; with ``model``, check that it was made for it."""
+    st_path, js_path = _paths(path)
+    for p in (st_path, js_path):
+        if not p.is_file():
+            raise VectorFileError(f"{p}: file not found (a vector file is a .safetensors with a .json beside it)")
+    try:
+        doc = json.loads(js_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise VectorFileError(f"{js_path}: not valid JSON ({err})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("vectors"), dict):
+        raise VectorFileError(f"{js_path}: not a castlens vector file (expected format {FORMAT!r})")
+    blob = st_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != doc.get("sha256"):
+        raise VectorFileError(f"{st_path}: contents do not match {js_path.name} (truncated, modified or from "
+                              "another save)")
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, Exception) as err:  # safetensors raises several types for corrupt headers
+        raise VectorFileError(f"{st_path}: cannot be read as safetensors ({err})") from None
+    out = {}
+    fields = set(SteeringVector.__dataclass_fields__) - {"directions", "samples"}
+    for key, meta in doc["vectors"].items():
+        where = f"{st_path}, vector {key!r}"
+        if key not in tensors:
+            raise VectorFileError(f"{where}: listed in the JSON but missing from the tensors")
+        t = tensors[key]
+        expect = (meta.get("n_layers"), meta.get("d_model"))
+        if t.ndim != 2 or tuple(t.shape) != expect:
+            raise VectorFileError(f"{where}: shape {tuple(t.shape)}, expected [n_layers, d_model] = {list(expect)}")
+        if not torch.isfinite(t).all():
+            raise VectorFileError(f"{where}: contains NaN or inf values")
+        samples = tensors.get(f"{key}/samples")
+        if samples is not None and (samples.ndim != 3 or tuple(samples.shape[1:]) != tuple(t.shape)):
+            raise VectorFileError(f"{where}: per-sample tensor has shape {tuple(samples.shape)}, expected "
+                                  f"[n, {t.shape[0]}, {t.shape[1]}]")
+        missing = {"model", "task", "n_samples", "shots", "seed"} - set(meta)
+        if missing:
+            raise VectorFileError(f"{where}: metadata lacks {sorted(missing)}")
+        v = SteeringVector(directions=t, samples=samples, **{k: meta[k] for k in fields if k in meta})
+        if model is not None:
+            v.check_model(model, where)
+        out[key] = v
+    return out
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine of two vectors (a convenience for printing)."""
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)) \
+        if a.norm() * b.norm() > 0 else math.nan
