@@ -1,0 +1,429 @@
+"""Plotly figures for castlens results (CAST, arXiv 2507.13236).
+
+Every function takes numpy arrays, plain lists or pandas objects (torch tensors work too: they
+go through ``np.asarray``), returns a ``plotly.graph_objects.Figure`` with its title, axis
+titles and a caption under the plot, and does nothing else. ``save_figure`` writes the figure as
+self-contained HTML (opens offline) and, optionally, PNG.
+
+PNG export goes through kaleido>=1, which drives a Chrome/Chromium binary it cannot download
+offline. On Debian: ``apt-get install -y chromium`` then ``pip install "kaleido>=1"``; kaleido
+finds ``/usr/bin/chromium`` on PATH by itself (``BROWSER_PATH`` overrides the binary).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import textwrap
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+__all__ = [
+    "cosine_by_layer",
+    "cosine_heatmap",
+    "pca_scatter",
+    "explained_variance_by_layer",
+    "accuracy_sweep",
+    "save_figure",
+    "PNG_EXPORT_FIX",
+]
+
+PNG_EXPORT_FIX = (
+    "PNG export needs kaleido>=1 and a Chrome/Chromium browser (kaleido cannot download one offline). "
+    'Fix: `apt-get update && apt-get install -y chromium` and `pip install "kaleido>=1"` '
+    "(kaleido then finds /usr/bin/chromium itself; set BROWSER_PATH to use another binary), "
+    "or call save_figure(..., png=False) to write the HTML only."
+)
+
+_CAPTION_WIDTH = 110  # characters per caption line
+_CAPTION_LINE_PX = 15
+_FONT = dict(family="Arial, sans-serif", size=13)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _arr(x: Any, name: str, ndim: int | None = None) -> np.ndarray:
+    """``x`` as a float numpy array (torch tensors are detached first), checking its rank."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    try:
+        a = np.asarray(x, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected numbers, got {type(x).__name__}") from e
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
+    return a
+
+
+def _wrap(text: str, width: int = _CAPTION_WIDTH) -> str:
+    """Wrap plain text to <br>-separated lines of at most ~width characters (keeps newlines)."""
+    lines: list[str] = []
+    for para in str(text).split("\n"):
+        lines.extend(textwrap.wrap(para, width=width) or [""])
+    return "<br>".join(lines)
+
+
+def _colors(n: int) -> list[str]:
+    pal = qualitative.Plotly if n <= 10 else qualitative.Alphabet
+    return [pal[i % len(pal)] for i in range(n)]
+
+
+def _rgba(color: str, alpha: float) -> str:
+    c = color.lstrip("#")
+    r, g, b = (int(c[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _finish(
+    fig: go.Figure,
+    title: str,
+    caption: str,
+    xaxis_title: str,
+    yaxis_title: str,
+    width: int = 900,
+    height: int = 520,
+    caption_shift: int = 58,
+) -> go.Figure:
+    """Set title, axis titles and a caption annotation under the x axis; size the bottom margin."""
+    text = _wrap(caption) if caption else ""
+    n_lines = text.count("<br>") + 1 if text else 0
+    bottom = caption_shift + 22 + _CAPTION_LINE_PX * n_lines
+    fig.update_layout(
+        title=dict(text=str(title), x=0.02, xanchor="left"),
+        template="plotly_white",
+        font=_FONT,
+        width=width,
+        height=height + _CAPTION_LINE_PX * n_lines,
+        margin=dict(l=70, r=30, t=70, b=bottom),
+    )
+    fig.update_xaxes(title_text=str(xaxis_title))
+    fig.update_yaxes(title_text=str(yaxis_title))
+    if text:
+        fig.add_annotation(
+            name="caption",
+            text=text,
+            xref="paper",
+            yref="paper",
+            x=0,
+            y=0,
+            xanchor="left",
+            yanchor="top",
+            yshift=-caption_shift,
+            align="left",
+            showarrow=False,
+            font=dict(size=11, color="#444"),
+        )
+    return fig
+
+
+def _check_len(values: np.ndarray, n: int, name: str) -> None:
+    if values.shape != (n,):
+        raise ValueError(f"{name}: expected {n} values (one per layer), got shape {values.shape}")
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def cosine_by_layer(
+    layers: Sequence[int] | np.ndarray,
+    curves: Mapping[str, Mapping[str, Any]],
+    title: str = "Cross-task cosine of ICL difference vectors by layer",
+    caption: str = "",
+    yaxis_title: str = "mean cross-task cosine",
+) -> go.Figure:
+    """Mean cross-task cosine against layer, one line per curve with a shaded [lo, hi] band.
+
+    ``curves``: {name: {"mean": [...], "lo": [...] | None, "hi": [...] | None}} (other keys are
+    ignored), e.g. the signal and the random, length-matched-prefix and shuffled-label controls
+    (CAST). Traces: all bands first (legend-grouped with their line), then one line per curve.
+    """
+    x = _arr(layers, "layers", 1)
+    if not curves:
+        raise ValueError("curves: expected at least one curve {name: {'mean': ...}}, got none")
+    fig = go.Figure()
+    colors = _colors(len(curves))
+    lines = []
+    for (name, cur), color in zip(curves.items(), colors):
+        if "mean" not in cur:
+            raise ValueError(f"curves[{name!r}]: expected a 'mean' key, got keys {sorted(cur)}")
+        y = _arr(cur["mean"], f"curves[{name!r}]['mean']", 1)
+        _check_len(y, len(x), f"curves[{name!r}]['mean']")
+        lo, hi = cur.get("lo"), cur.get("hi")
+        if (lo is None) != (hi is None):
+            raise ValueError(f"curves[{name!r}]: 'lo' and 'hi' must both be given or both be None")
+        if lo is not None:
+            lo_a = _arr(lo, f"curves[{name!r}]['lo']", 1)
+            hi_a = _arr(hi, f"curves[{name!r}]['hi']", 1)
+            _check_len(lo_a, len(x), f"curves[{name!r}]['lo']")
+            _check_len(hi_a, len(x), f"curves[{name!r}]['hi']")
+            fig.add_trace(
+                go.Scatter(
+                    x=np.concatenate([x, x[::-1]]),
+                    y=np.concatenate([hi_a, lo_a[::-1]]),
+                    fill="toself",
+                    fillcolor=_rgba(color, 0.18),
+                    line=dict(width=0),
+                    hoverinfo="skip",
+                    showlegend=False,
+                    legendgroup=name,
+                    name=f"{name} CI",
+                )
+            )
+        lines.append(
+            go.Scatter(x=x, y=y, mode="lines+markers", name=name, legendgroup=name, line=dict(color=color, width=2),
+                       marker=dict(size=5))
+        )
+    for tr in lines:
+        fig.add_trace(tr)
+    fig.add_hline(y=0, line=dict(color="#999", width=1, dash="dot"))
+    return _finish(fig, title, caption, "layer", yaxis_title)
+
+
+def cosine_heatmap(
+    mat: Any,
+    task_names: Sequence[str],
+    layer: int,
+    title: str | None = None,
+    caption: str = "",
+) -> go.Figure:
+    """Task x task cosine heatmap at one layer (diverging colours, fixed [-1, 1], 2-decimal labels).
+
+    ``mat`` is [task, task], or [layer, task, task] from which ``mat[layer]`` is taken.
+    """
+    m = _arr(mat, "mat")
+    if m.ndim == 3:
+        if not 0 <= layer < m.shape[0]:
+            raise ValueError(f"layer: expected an index into mat's {m.shape[0]} layers, got {layer}")
+        m = m[layer]
+    names = [str(t) for t in task_names]
+    if m.ndim != 2 or m.shape != (len(names), len(names)):
+        raise ValueError(f"mat: expected shape [task, task] = ({len(names)}, {len(names)}) or [layer, task, task], "
+                         f"got {np.shape(mat)}")
+    n = len(names)
+    fig = go.Figure(
+        go.Heatmap(
+            z=m,
+            x=names,
+            y=names,
+            zmin=-1,
+            zmax=1,
+            zmid=0,
+            colorscale="RdBu_r",
+            text=m,
+            texttemplate="%{text:.2f}",
+            textfont=dict(size=10 if n <= 12 else 8),
+            hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>",
+            colorbar=dict(title="cosine"),
+        )
+    )
+    fig.update_xaxes(side="top", tickangle=-45, automargin=True)
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    side = max(520, 30 * n + 260)
+    title = title if title is not None else f"Cosine between task vectors, layer {layer}"
+    fig = _finish(fig, title, caption, "task", "task", width=side + 120, height=side, caption_shift=20)
+    fig.update_layout(margin=dict(t=70), title=dict(y=0.985, yanchor="top"))
+    return fig
+
+
+def pca_scatter(
+    points: Any,
+    task_labels: Sequence[str],
+    title: str = "Difference vectors in the PC1-PC2 plane",
+    caption: str = "",
+    extra_views: Mapping[str, tuple[Any, Sequence[str]]] | None = None,
+    view_name: str = "difference vectors",
+    axis_titles: tuple[str, str] = ("PC1", "PC2"),
+) -> go.Figure:
+    """2-D scatter coloured by label; extra views are chosen with a dropdown.
+
+    ``points`` [n, 2] with one label each; ``extra_views`` {name: (points [m, 2], labels)}, e.g.
+    zero-shot vs few-shot activations. Traces: one per distinct label per view (first-seen
+    order), main view first; a label keeps its colour across views.
+    """
+    views: dict[str, tuple[Any, Sequence[str]]] = {view_name: (points, task_labels)}
+    for name, v in (extra_views or {}).items():
+        if name in views:
+            raise ValueError(f"extra_views: view name {name!r} clashes with view_name")
+        if not isinstance(v, (tuple, list)) or len(v) != 2:
+            raise ValueError(f"extra_views[{name!r}]: expected a (points, labels) pair")
+        views[name] = (v[0], v[1])
+    parsed = []
+    for name, (pts, labels) in views.items():
+        where = "points" if name == view_name else f"extra_views[{name!r}]"
+        p = _arr(pts, where, 2)
+        labels = [str(t) for t in labels]
+        if p.shape[1] != 2 or p.shape[0] != len(labels):
+            raise ValueError(f"{where}: expected shape [n, 2] with n = {len(labels)} labels, got {p.shape}")
+        parsed.append((name, p, labels))
+    all_labels = list(dict.fromkeys(t for _, _, labels in parsed for t in labels))
+    color = dict(zip(all_labels, _colors(len(all_labels))))
+
+    fig = go.Figure()
+    view_of_trace = []
+    for vi, (name, p, labels) in enumerate(parsed):
+        lab = np.asarray(labels, dtype=object)
+        for t in dict.fromkeys(labels):
+            sel = lab == t
+            fig.add_trace(
+                go.Scatter(
+                    x=p[sel, 0], y=p[sel, 1], mode="markers", name=t, legendgroup=t, visible=vi == 0,
+                    marker=dict(color=color[t], size=7, opacity=0.8, line=dict(width=0.5, color="white")),
+                    hovertemplate=f"{t}<br>%{{x:.3g}}, %{{y:.3g}}<extra>{name}</extra>",
+                )
+            )
+            view_of_trace.append(vi)
+    if len(parsed) > 1:
+        buttons = [
+            dict(label=name, method="update", args=[{"visible": [v == vi for v in view_of_trace]}])
+            for vi, (name, _, _) in enumerate(parsed)
+        ]
+        fig.update_layout(
+            updatemenus=[dict(buttons=buttons, direction="down", active=0, x=1.0, xanchor="right", y=1.02,
+                              yanchor="bottom", showactive=True)]
+        )
+    return _finish(fig, title, caption, axis_titles[0], axis_titles[1])
+
+
+def explained_variance_by_layer(
+    layers: Sequence[int] | np.ndarray,
+    evr: Any,
+    title: str = "PCA of difference vectors: explained variance by layer",
+    caption: str = "",
+    k_show: int = 5,
+) -> go.Figure:
+    """Explained variance ratio of PC1..PCk against layer, plus the cumulative share of the first k.
+
+    ``evr`` [layer, k] (``pca_by_layer(...)["explained_variance_ratio"]``). Traces: min(k_show, k)
+    component lines, then one dashed cumulative line. A dominant PC1 is CAST's shared direction.
+    """
+    x = _arr(layers, "layers", 1)
+    e = _arr(evr, "evr", 2)
+    if e.shape[0] != len(x) or e.shape[1] < 1:
+        raise ValueError(f"evr: expected shape [layer, k] with layer = {len(x)}, got {e.shape}")
+    if k_show < 1:
+        raise ValueError(f"k_show: expected >= 1, got {k_show}")
+    k = min(k_show, e.shape[1])
+    fig = go.Figure()
+    colors = _colors(k)
+    for i in range(k):
+        fig.add_trace(go.Scatter(x=x, y=e[:, i], mode="lines+markers", name=f"PC{i + 1}",
+                                 line=dict(color=colors[i]), marker=dict(size=5)))
+    fig.add_trace(go.Scatter(x=x, y=e[:, :k].sum(1), mode="lines", name=f"PC1-{k} cumulative",
+                             line=dict(color="#333", dash="dash")))
+    fig.update_yaxes(range=[0, 1.02])
+    return _finish(fig, title, caption, "layer", "explained variance ratio")
+
+
+def accuracy_sweep(
+    layers: Sequence[int] | np.ndarray,
+    curves: Mapping[str, Sequence[float]],
+    title: str = "Steering: metric by layer",
+    caption: str = "",
+    baselines: Mapping[str, float] | None = None,
+    yaxis_title: str = "accuracy",
+    xaxis_title: str = "layer",
+) -> go.Figure:
+    """A metric against layer, one line per curve (e.g. per steering strength), with dashed baselines.
+
+    Traces: one line per curve, then one horizontal dashed line per baseline (e.g. zero-shot and
+    few-shot accuracy) spanning the layer range.
+    """
+    x = _arr(layers, "layers", 1)
+    if not curves:
+        raise ValueError("curves: expected at least one curve {name: values}, got none")
+    fig = go.Figure()
+    colors = _colors(len(curves))
+    for (name, vals), color in zip(curves.items(), colors):
+        y = _arr(vals, f"curves[{name!r}]", 1)
+        _check_len(y, len(x), f"curves[{name!r}]")
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=str(name), line=dict(color=color),
+                                 marker=dict(size=5)))
+    greys = ["#444", "#888", "#bbb", "#222", "#666"]
+    for i, (name, val) in enumerate((baselines or {}).items()):
+        v = float(val)
+        fig.add_trace(go.Scatter(x=[x.min(), x.max()], y=[v, v], mode="lines", name=str(name),
+                                 line=dict(color=greys[i % len(greys)], dash="dash", width=2), hovertemplate=f"{name}: {v:.3g}<extra></extra>"))
+    return _finish(fig, title, caption, xaxis_title, yaxis_title)
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _kaleido_version() -> str | None:
+    """Installed kaleido version, or None."""
+    try:
+        return importlib.metadata.version("kaleido")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _export_unavailable(e: BaseException) -> bool:
+    """Does this write_image error mean 'no kaleido / no browser' rather than a real failure?"""
+    if isinstance(e, ImportError):
+        return True
+    text = f"{type(e).__name__} {e}".lower()
+    return any(k in text for k in ("kaleido", "chrome", "chromium", "browser"))
+
+
+def _tmp_path(final: Path) -> Path:
+    # same directory (os.replace is atomic only within a filesystem), hidden, same extension
+    return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{final.suffix}")
+
+
+def _unlink(paths: list[Path]) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def save_figure(fig: go.Figure, path_stem: str | Path, png: bool = True) -> list[Path]:
+    """Write ``<stem>.html`` (self-contained, plotly.js inlined) and, if ``png``, ``<stem>.png``.
+
+    Files are written to hidden temp files in the target directory and moved into place with
+    ``os.replace`` only when all of them succeeded, so no partial file is ever visible. Raises
+    RuntimeError (with the install commands) when PNG export is unavailable; nothing is written
+    then. Returns the written paths, HTML first.
+    """
+    stem = Path(path_stem)
+    if stem.suffix in (".html", ".png"):
+        stem = stem.with_suffix("")
+    html_path = Path(f"{stem}.html")
+    png_path = Path(f"{stem}.png")
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+
+    if png:
+        v = _kaleido_version()
+        if v is None or int(v.split(".")[0]) < 1:
+            raise RuntimeError(f"kaleido is {'not installed' if v is None else f'version {v}'}. {PNG_EXPORT_FIX}")
+
+    tmps: list[Path] = []
+    try:
+        moves: list[tuple[Path, Path]] = []
+        if png:
+            tmp = _tmp_path(png_path)
+            tmps.append(tmp)
+            try:
+                fig.write_image(str(tmp), format="png")
+            except Exception as e:
+                if _export_unavailable(e):
+                    raise RuntimeError(f"PNG export failed ({type(e).__name__}: {str(e).strip()}). {PNG_EXPORT_FIX}") from e
+                raise
+            moves.append((tmp, png_path))
+        tmp = _tmp_path(html_path)
+        tmps.append(tmp)
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+        moves.insert(0, (tmp, html_path))
+        for src, dst in moves:
+            os.replace(src, dst)
+    finally:
+        _unlink(tmps)  # no-op for files already moved into place
+    return [dst for _, dst in moves]

@@ -1,0 +1,51 @@
+import json
+import os
+import subprocess
+import sys
+
+from castlens.cli import main
+from castlens.vectors import load_vectors, task_vector
+
+
+def test_vectors_command_writes_file_matching_the_library(tmp_path, tiny, capsys):
+    out = tmp_path / "v.safetensors"
+    assert main(["vectors", "--model", "tiny-llama", "--tasks", "add,antonym", "--n", "4", "--shots", "2",
+                 "--out", str(out)]) == 0
+    vs = load_vectors(out, model=tiny)
+    assert set(vs) == {"add", "antonym"} and vs["add"].directions.shape == (4, 64)
+    ref = task_vector(tiny, "add", n=4, shots=2)
+    assert (vs["add"].directions - ref.directions).abs().max() < 1e-5
+    assert not (tmp_path / "v.safetensors.parts").exists()
+    assert "wrote 2 vectors" in capsys.readouterr().out
+
+
+def test_vectors_command_resumes_finished_tasks(tmp_path, tiny, capsys):
+    out = tmp_path / "v.safetensors"
+    from castlens.vectors import save_vectors
+
+    done = task_vector(tiny, "add", n=3, shots=1)
+    done.directions = done.directions + 1000.0  # a marker: a reused part is not recomputed
+    save_vectors(tmp_path / "v.safetensors.parts" / "add", done)
+    assert main(["vectors", "--model", "tiny-llama", "--tasks", "add,plural", "--n", "3", "--shots", "1",
+                 "--out", str(out)]) == 0
+    assert "add: reusing the finished part" in capsys.readouterr().out
+    assert load_vectors(out)["add"].directions.min() > 900
+
+
+def test_bad_task_is_one_clear_line():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "castlens.cli", "vectors", "--model", "tiny-llama", "--tasks",
+                        "add,sst3", "--out", "/nonexistent/x"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2
+    assert "unknown task 'sst3'; did you mean sst2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_json_lists_the_exact_prompt_pairs(tmp_path, tiny):
+    out = tmp_path / "v"
+    assert main(["vectors", "--model", "tiny-llama", "--tasks", "first_item", "--n", "2", "--shots", "1",
+                 "--out", str(out)]) == 0
+    doc = json.loads((tmp_path / "v.json").read_text())
+    rec = doc["vectors"]["first_item"]["prompts"][0]
+    instruction, query = rec["zero"].split("\n\n")
+    assert rec["few"].startswith(instruction + "\n\n") and rec["few"].endswith("\n\n" + query)
+    assert rec["few"].count("\nAnswer:") == 2 and rec["few_tokens"] > rec["zero_tokens"]
