@@ -35,5 +35,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/extraction_throughput.py
 
+# The committed figures/: the parallel-direction analysis on SmolLM2 with the 8 CAST source tasks, the 5 CAST
+# targets and the 8 built-in tasks. PNG export needs a Chromium binary (Debian package; root installs it here).
+CAST_TASKS := ag_news,arc_easy,boolq,commonsense_qa,mnli,qqp,race,sst2,arc_challenge,financial_phrasebank,medmcqa,sciq,social_i_qa
+BUILTIN := uppercase,first_item,last_item,next_number,add,reverse_word,plural,antonym
+figures: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || true
+	$(VENV)/bin/castlens analyze --tasks $(CAST_TASKS),$(BUILTIN) --n 24 --shots 4 --out figures/parallel_directions
+
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -2,6 +2,7 @@
 
     castlens tasks                                   list the built-in and collection tasks
     castlens vectors --model M --tasks a,b --n N --shots K --out FILE
+    castlens analyze --model M --tasks a,b,c --n N --shots K --out DIR   parallel-direction analysis
     castlens demo --out DIR                          the main job on the embedded default model
 """
 
@@ -13,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from castlens.tasks import BUILTIN_TASKS, TaskError
+from castlens.tasks import BUILTIN_TASKS, TaskError, load_task
 
 
 def _task_list(s: str) -> list[str]:
@@ -53,7 +54,6 @@ def _vectors_resumable(model, tasks: list[str], n: int, shots: int, seed: int, o
 
 def cmd_vectors(a: argparse.Namespace) -> int:
     from castlens.models import load_model
-    from castlens.tasks import load_task
     from castlens.vectors import save_vectors
 
     for name in a.tasks:  # fail on a bad task name before loading the model
@@ -69,37 +69,54 @@ def cmd_vectors(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
-    import torch
+def _analyze(model_name_: str, tasks: list[str], n: int, shots: int, seed: int, out: Path, png: bool | None,
+             n_boot: int, data_dir: str | None, vectors: str | None = None) -> dict:
+    from castlens.analysis import Collected, collect, summarize, write_report
+    from castlens.vectors import load_vectors, save_vectors
 
-    from castlens.models import load_model
-    from castlens.vectors import save_vectors
-
-    t0 = time.perf_counter()
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = list(BUILTIN_TASKS)
-    print(f"castlens demo: {a.model}, built-in tasks {', '.join(tasks)}; {a.n} queries x {a.shots} shots each")
-    model = load_model(a.model)
-    vectors, parts = _vectors_resumable(model, tasks, a.n, a.shots, a.seed, out / "vectors.safetensors", False,
-                                        16, None)
-    path = save_vectors(out / "vectors.safetensors", vectors)
-    shutil.rmtree(parts, ignore_errors=True)
+    vec_file = out / "vectors.safetensors"
+    if vectors:
+        data = Collected.from_vectors(load_vectors(vectors))
+    elif vec_file.exists() and (out / "vectors.json").exists():  # resume: the model work is already done
+        data = Collected.from_vectors(load_vectors(vec_file))
+        if (data.model, sorted(data.tasks), data.n, data.shots, data.seed) != (model_name_, sorted(tasks), n, shots,
+                                                                                seed):
+            raise ValueError(f"{vec_file} holds a different run ({data.model}, {len(data.tasks)} tasks, n={data.n}, "
+                             f"shots={data.shots}); use another --out or delete it")
+        print(f"reusing {vec_file} (delete it to recompute)")
+    else:
+        from castlens.models import load_model
 
-    stack = torch.stack([v.directions for v in vectors.values()]).double()  # [task, layer, d]
-    unit = stack / stack.norm(dim=-1, keepdim=True)
-    cos = torch.einsum("tld,sld->lts", unit, unit)
-    k = len(tasks)
-    off = (cos.sum((1, 2)) - k) / (k * (k - 1))
-    rows = ["layer,mean_cross_task_cosine"] + [f"{layer},{c:.4f}" for layer, c in enumerate(off.tolist())]
-    (out / "cross_task_cosine.csv").write_text("\n".join(rows) + "\n")
-    best = int(off.argmax())
-    print(f"\nmean cosine between the {k} task vectors (few-shot minus zero-shot, last token), by layer:")
-    print("  " + " ".join(f"L{layer}:{c:.2f}" for layer, c in enumerate(off.tolist())))
-    print(f"highest at layer {best}: {off[best]:.3f} (random directions in d={model.cfg.d_model}: about "
-          f"+-{1 / model.cfg.d_model ** 0.5:.3f})")
-    print(f"\nwrote {path} (+ .json with every prompt pair) and {out / 'cross_task_cosine.csv'}")
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+        for name in tasks:
+            load_task(name, data_dir)
+        data = collect(load_model(model_name_), tasks, n, shots, seed=seed, data_dir=data_dir)
+        save_vectors(vec_file, data.to_vectors())
+    summary = summarize(data, n_boot=n_boot, seed=seed)
+    files = write_report(data, summary, out, png=png)
+    b = summary["best_layer"]
+    cc = summary["cross_task_cosine"]
+    print(f"\nbest layer {b}: mean cross-task cosine few-shot {cc['few']['mean'][b]:.3f} "
+          f"[{cc['few']['lo'][b]:.3f}, {cc['few']['hi'][b]:.3f}], filler control {cc['filler']['mean'][b]:.3f}, "
+          f"shuffled-label control {cc['shuffled']['mean'][b]:.3f}, random {summary['random_cosine'][b]:+.3f}")
+    print(f"wrote {len(files)} files to {out}/ (summary.md, summary.json, figures as .html"
+          f"{' and .png' if any(f.suffix == '.png' for f in files) else ''}, vectors.safetensors)")
+    return summary
+
+
+def cmd_analyze(a: argparse.Namespace) -> int:
+    _analyze(a.model, a.tasks, a.n, a.shots, a.seed, Path(a.out), False if a.no_png else None, a.n_boot,
+             a.data_dir, a.vectors)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    tasks = list(BUILTIN_TASKS)
+    print(f"castlens demo: {a.model}, built-in tasks {', '.join(tasks)}; {a.n} queries x {a.shots} shots each, "
+          "with length-matched and shuffled-label controls")
+    _analyze(a.model, tasks, a.n, a.shots, a.seed, Path(a.out), False if a.no_png else None, 500, None)
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s; open {Path(a.out) / 'cosine_by_layer.html'}")
     return 0
 
 
@@ -136,11 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     v.set_defaults(func=cmd_vectors)
 
-    d = sub.add_parser("demo", help="vectors and cross-task cosines for the built-in tasks")
+    an = sub.add_parser("analyze", help="parallel-direction analysis with controls, figures and summary")
+    common(an)
+    an.add_argument("--tasks", type=_task_list, required=True, help="comma-separated task names")
+    an.add_argument("--n", type=int, default=24, help="queries per task")
+    an.add_argument("--shots", type=int, default=5)
+    an.add_argument("--out", required=True, help="output folder")
+    an.add_argument("--vectors", default=None, help="analyze this vector file (with per-sample tensors) instead")
+    an.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws")
+    an.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
+    an.set_defaults(func=cmd_analyze)
+
+    d = sub.add_parser("demo", help="the analysis on the built-in tasks with small settings")
     common(d)
     d.add_argument("--out", default="outputs/demo")
-    d.add_argument("--n", type=int, default=24)
-    d.add_argument("--shots", type=int, default=5)
+    d.add_argument("--n", type=int, default=16)
+    d.add_argument("--shots", type=int, default=4)
+    d.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("tasks", help="list the available tasks")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import textwrap
 import uuid
 from collections.abc import Mapping, Sequence
@@ -370,6 +371,16 @@ def _export_unavailable(e: BaseException) -> bool:
         return True
     text = f"{type(e).__name__} {e}".lower()
     return any(k in text for k in ("kaleido", "chrome", "chromium", "browser"))
+
+
+def png_export_available() -> bool:
+    """True when kaleido >= 1 is installed and a Chrome/Chromium binary is on PATH (or in ``BROWSER_PATH``)."""
+    v = _kaleido_version()
+    if v is None or int(v.split(".")[0]) < 1:
+        return False
+    if os.environ.get("BROWSER_PATH"):
+        return Path(os.environ["BROWSER_PATH"]).is_file()
+    return any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome"))
 
 
 def _tmp_path(final: Path) -> Path:

@@ -10,6 +10,11 @@ A prompt is plain text; the chat template, if any, is applied when the text is t
 each block separated by ``fmt.separator``; a demonstration is ``input\\nAnswer: output`` and the query ends at
 ``\\nAnswer:``, so the zero- and few-shot prompts of one query end with the same tokens (CAST Sec. 3 reads the
 last token). Demonstrations are drawn with a seeded RNG and never include the query itself.
+
+Two controls replace the demonstrations of a few-shot prompt, keeping instruction and query:
+
+* ``filler``: unrelated text with the same token count as the demonstrations (a longer context, no examples);
+* ``shuffled``: the same demonstrations with their answers shuffled (format without the input-label mapping).
 """
 
 from __future__ import annotations
@@ -80,17 +85,19 @@ def sample_demos(pool: list[Example], k: int, rng: random.Random, exclude: Examp
 @dataclass(frozen=True)
 class PromptPair:
     """The zero- and few-shot prompt of one query, as the exact text given to the tokenizer (before any chat
-    template)."""
+    template), with the demonstrations used."""
 
     task: str
     query: str
     zero: str
     few: str
+    demos: tuple[Example, ...] = ()
 
 
 def contrastive_pairs(task: Task, n: int, k: int, seed: int = 0, split: str = "train",
-                      fmt: PromptFormat | None = None, fixed_demos: bool = False) -> list[PromptPair]:
-    """``n`` queries from ``split`` with their zero-shot and ``k``-shot prompts (demos from ``train``).
+                      fmt: PromptFormat | None = None, fixed_demos: bool = False, demo_split: str = "train"
+                      ) -> list[PromptPair]:
+    """``n`` queries from ``split`` with their zero-shot and ``k``-shot prompts (demos from ``demo_split``).
 
     ``fixed_demos=True`` uses one demonstration set for every query (then no query is one of the demos).
     """
@@ -99,7 +106,7 @@ def contrastive_pairs(task: Task, n: int, k: int, seed: int = 0, split: str = "t
         raise TaskError(f"task {task.name!r}: need n >= 1 and k >= 0, got n={n}, k={k}")
     rng = random.Random(f"{seed}:{task.name}:{split}:{n}:{k}")
     pool = task.split(split)
-    train = task.split("train") if k else []
+    train = task.split(demo_split) if k else []
     shared = sample_demos(train, k, rng, task=task.name) if fixed_demos else None
     if shared is not None:
         banned = {d.input for d in shared}
@@ -109,5 +116,59 @@ def contrastive_pairs(task: Task, n: int, k: int, seed: int = 0, split: str = "t
     pairs = []
     for q in rng.sample(pool, n):
         demos = shared if shared is not None else sample_demos(train, k, rng, exclude=q, task=task.name)
-        pairs.append(PromptPair(task.name, q.input, zero_shot_prompt(q, fmt), few_shot_prompt(q, demos, fmt)))
+        pairs.append(PromptPair(task.name, q.input, zero_shot_prompt(q, fmt), few_shot_prompt(q, demos, fmt),
+                                tuple(demos)))
     return pairs
+
+
+# ---------------------------------------------------------------- controls
+FILLER_TEXT = (
+    "The river runs slowly through the valley in late summer, and the fields on either side turn from green to "
+    "gold. Farmers bring in the hay before the rain, and the roads fill with carts. In the evening the light "
+    "falls low across the hills, the swallows gather on the wires, and the village square grows quiet. Old "
+    "stone walls divide the pastures, and sheep move between them in small groups. A bell rings from the "
+    "church tower on the hour. Far to the north the mountains keep a little snow even in August, and the air "
+    "that comes down from them is cool at night. Travellers stop at the inn by the bridge, where the windows "
+    "look out over the water and the garden is full of roses. "
+)
+
+
+def _fmt_blocks(fmt: PromptFormat, middle: list[str], query: str) -> str:
+    return _join(fmt, [fmt.instruction, *middle, fmt.render(Example(query, ""), False)])
+
+
+def shuffled_label_prompt(pair: PromptPair, fmt: PromptFormat, seed: int = 0,
+                          labels: tuple[str, ...] | None = None) -> str:
+    """The few-shot prompt with its demonstrations' answers shuffled: drawn at random from ``labels`` for a
+    classification task, else permuted among the demonstrations (no demo keeps its answer when avoidable)."""
+    rng = random.Random(f"{seed}:shuffle:{pair.task}:{pair.query}")
+    outs = [d.output for d in pair.demos]
+    if labels:
+        new = [rng.choice(labels) for _ in outs]
+    else:
+        new = outs[:]
+        for _ in range(20):
+            rng.shuffle(new)
+            if len(new) < 2 or all(a != b for a, b in zip(new, outs)):
+                break
+    demos = [Example(d.input, o) for d, o in zip(pair.demos, new)]
+    return _fmt_blocks(fmt, [fmt.render(d, True) for d in demos], pair.query)
+
+
+def filler_prompt(pair: PromptPair, fmt: PromptFormat, n_tokens, text: str = FILLER_TEXT) -> str:
+    """The few-shot prompt with its demonstrations replaced by unrelated text of the same token count.
+
+    ``n_tokens(str) -> int`` counts tokens (the model's tokenizer; this module knows no model). The filler is
+    the longest prefix of ``text`` (repeated as needed), cut at a word, whose token count does not exceed that
+    of the demonstration block."""
+    demo_block = _join(fmt, [fmt.render(d, True) for d in pair.demos])
+    target = n_tokens(demo_block)
+    words = (text * (1 + 4 * target // max(1, len(text.split())))).split()
+    lo, hi = 0, len(words)
+    while lo < hi:  # the most words whose text fits in `target` tokens
+        mid = (lo + hi + 1) // 2
+        if n_tokens(" ".join(words[:mid])) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return _fmt_blocks(fmt, [" ".join(words[:lo])], pair.query)
