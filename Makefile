@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/castlens demo --out outputs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=8 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow" tests

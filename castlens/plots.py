@@ -170,6 +170,7 @@ def cosine_by_layer(
                     y=np.concatenate([hi_a, lo_a[::-1]]),
                     fill="toself",
                     fillcolor=_rgba(color, 0.18),
+                    mode="lines",
                     line=dict(width=0),
                     hoverinfo="skip",
                     showlegend=False,
@@ -184,6 +185,7 @@ def cosine_by_layer(
     for tr in lines:
         fig.add_trace(tr)
     fig.add_hline(y=0, line=dict(color="#999", width=1, dash="dot"))
+    fig.update_xaxes(tickmode="linear", dtick=1 if len(x) <= 16 else 2)  # layers are integers
     return _finish(fig, title, caption, "layer", yaxis_title)
 
 
@@ -319,6 +321,7 @@ def explained_variance_by_layer(
     fig.add_trace(go.Scatter(x=x, y=e[:, :k].sum(1), mode="lines", name=f"PC1-{k} cumulative",
                              line=dict(color="#333", dash="dash")))
     fig.update_yaxes(range=[0, 1.02])
+    fig.update_xaxes(tickmode="linear", dtick=1 if len(x) <= 16 else 2)
     return _finish(fig, title, caption, "layer", "explained variance ratio")
 
 

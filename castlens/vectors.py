@@ -25,7 +25,6 @@ from typing import Sequence
 
 import torch
 from jaxtyping import Float
-from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
@@ -209,7 +208,7 @@ def load_vectors(path: str | os.PathLike, model=None) -> dict[str, SteeringVecto
                               "another save)")
     try:
         tensors = st_load(blob)
-    except (SafetensorError, Exception) as err:  # safetensors raises several types for corrupt headers
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types (SafetensorError, ...) on bad bytes
         raise VectorFileError(f"{st_path}: cannot be read as safetensors ({err})") from None
     out = {}
     fields = set(SteeringVector.__dataclass_fields__) - {"directions", "samples"}

@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from castlens.activations import last_token_resid, pad_batch, tokenize
+from castlens.models import residual_stream_only, tiny_hf_model
+from castlens.steering import steering
+from castlens.vectors import SteeringVector, VectorFileError
+
+PROMPTS = ["Give the opposite of the word.\n\nhot\nAnswer:", "a b c d e f g h"]
+
+
+def resid_all_positions(model, ids):
+    """Every layer's resid_post at every position, via run_with_cache (a read path separate from castlens')."""
+    _, cache = model.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n.endswith("hook_resid_post"))
+    return torch.stack([cache[f"blocks.{L}.hook_resid_post"][0] for L in range(model.cfg.n_layers)])  # [L, pos, d]
+
+
+def test_changes_only_from_the_layer_on_and_only_at_chosen_positions(tiny):
+    ids = tokenize(tiny, PROMPTS[:1])[0]
+    v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model)
+    base = resid_all_positions(tiny, ids)
+    with steering(tiny, v, layers=2, strength=3.0, positions="last"):
+        steered = resid_all_positions(tiny, ids)
+    assert torch.equal(steered[:2], base[:2])  # layers before the injection layer untouched
+    assert torch.equal(steered[:, :-1], base[:, :-1])  # earlier positions untouched (causal)
+    assert torch.allclose(steered[2, -1] - base[2, -1], 3.0 * v[2], atol=1e-5)  # exactly the added vector
+    assert (steered[3, -1] - base[3, -1]).abs().max() > 1e-3  # and it propagates upward
+    with steering(tiny, v, layers=[1], strength=1.0, positions="all"):
+        all_pos = resid_all_positions(tiny, ids)
+    assert torch.allclose(all_pos[1] - base[1], v[1].expand_as(base[1]), atol=1e-5)
+
+
+def test_linear_in_strength_and_zero_is_identity(tiny):
+    v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model)
+    base = last_token_resid(tiny, PROMPTS)
+    ids = torch.tensor(tokenize(tiny, PROMPTS[:1]))
+    logits = tiny(ids)
+    with steering(tiny, torch.zeros_like(v), layers=[0, 1, 2, 3], strength=5.0):
+        assert torch.equal(tiny(ids), logits)
+    for s in (0.5, 2.0):
+        with steering(tiny, v, layers=1, strength=s):
+            out = last_token_resid(tiny, PROMPTS)
+        assert torch.allclose(out[:, 1] - base[:, 1], s * v[1].expand(2, -1), atol=1e-4)
+
+
+def test_equals_a_plain_transformers_hook(tiny):
+    """Independent computation: the same addition through a torch forward hook on the unwrapped HF layer."""
+    ref = tiny_hf_model(seed=0)
+    v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model)
+    ids = torch.tensor(tokenize(tiny, PROMPTS[:1]))
+
+    def add(module, inputs, output):
+        hs = output[0] if isinstance(output, tuple) else output
+        hs = hs + 2.0 * v[2]
+        return (hs, *output[1:]) if isinstance(output, tuple) else hs
+
+    h = ref.model.layers[2].register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            want = ref(ids).logits
+    finally:
+        h.remove()
+    with torch.no_grad(), steering(tiny, v, layers=2, strength=2.0):
+        got = tiny(ids)
+    with torch.no_grad(), residual_stream_only(tiny), steering(tiny, v, layers=2, strength=2.0):
+        got_sdpa = tiny(ids)
+    assert (got - want).abs().max() < 1e-4 and (got_sdpa - want).abs().max() < 1e-4
+
+
+def test_per_row_positions_under_right_padding(tiny):
+    seqs = tokenize(tiny, PROMPTS)
+    ids, mask, last = pad_batch(seqs, 258, "right")
+    v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model)
+    with steering(tiny, v, layers=3, strength=1.0, positions=last):
+        batched = tiny(ids, attention_mask=mask)
+    for i, s in enumerate(seqs):
+        with steering(tiny, v, layers=3, strength=1.0, positions="last"):
+            alone = tiny(torch.tensor([s]))
+        assert (batched[i, len(s) - 1] - alone[0, -1]).abs().max() < 1e-4
+
+
+def test_norm_preserving_keeps_the_norm(tiny):
+    ids = tokenize(tiny, PROMPTS[:1])[0]
+    base = resid_all_positions(tiny, ids)
+    v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model) * 10
+    with steering(tiny, v, layers=2, strength=1.0, norm_preserving=True):
+        out = resid_all_positions(tiny, ids)
+    assert torch.allclose(out[2].norm(dim=-1), base[2].norm(dim=-1), rtol=1e-5)
+    assert (out[2] - base[2]).abs().max() > 1e-2
+
+
+def test_hooks_removed_after_error_and_bad_input(tiny):
+    v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with steering(tiny, v, layers=1):
+            raise RuntimeError("inside")
+    assert all(not hp._forward_hooks for hp in tiny.hook_dict.values())
+    with pytest.raises(ValueError, match=r"shape \(4, 32\); the model needs \[n_layers, d_model\] = \[4, 64\]"):
+        with steering(tiny, torch.randn(4, 32), layers=1):
+            pass
+    with pytest.raises(ValueError, match="out of range"):
+        with steering(tiny, v, layers=7):
+            pass
+    other = SteeringVector(torch.randn(30, 576), model="smollm2-135m-instruct", task="sst2", n_samples=1, shots=1,
+                           seed=0)
+    with pytest.raises(VectorFileError, match="made for model 'smollm2-135m-instruct'"):
+        with steering(tiny, other, layers=1):
+            pass
