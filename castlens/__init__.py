@@ -20,7 +20,6 @@ _EXPORTS = {
     "last_token_resid": "castlens.activations", "tokenize": "castlens.activations",
     "SteeringVector": "castlens.vectors", "compute_vectors": "castlens.vectors",
     "save_vectors": "castlens.vectors", "load_vectors": "castlens.vectors", "VectorFileError": "castlens.vectors",
-    "steering": "castlens.steering",
 }
 
 
