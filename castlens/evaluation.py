@@ -1,0 +1,88 @@
+"""Evaluation: score each answer option by the log-probability of its full verbalisation.
+
+For a prompt ``x`` and options ``y_1..y_m`` (labels, letters or option texts), each a sequence of tokens
+``t_1..t_T`` of ``sep + y``::
+
+    score(y | x) = sum_{j=1..T} log P(t_j | x, t_<j)          # every token of a multi-token label counts
+
+the prediction is the argmax over options (with ``normalize="chars"``, the score divided by the option's
+character count, as lm-evaluation-harness's acc_norm). Prompt and continuation are tokenized separately and
+concatenated, so the prompt's tokens are identical across options. Works inside :func:`castlens.steering.steering`
+(hooks on the residual stream fire on every scoring pass).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from castlens.activations import check_lengths, pad_batch, tokenize
+from castlens.models import residual_stream_only, tokenizer_of
+
+
+def option_logprobs(model, prompts: Sequence[str], options: Sequence[Sequence[str]], sep: str = " ",
+                    batch_size: int = 16, chat: bool = False, progress: bool | None = None
+                    ) -> Float[Tensor, "prompt option"]:
+    """Summed log-probability of ``sep + option`` after each prompt; ``-inf`` pads rows with fewer options."""
+    if len(prompts) != len(options):
+        raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists")
+    if not prompts:
+        raise ValueError("no prompts given")
+    tok = tokenizer_of(model)
+    p_ids = tokenize(model, prompts, chat)
+    rows, where = [], []  # one row per (prompt, option)
+    for i, (ids, opts) in enumerate(zip(p_ids, options)):
+        if not opts:
+            raise ValueError(f"prompt {i} has no options")
+        for j, opt in enumerate(opts):
+            cont = tok(sep + opt, add_special_tokens=False)["input_ids"]
+            if not cont:
+                raise ValueError(f"prompt {i}, option {j} ({opt!r}) tokenizes to nothing")
+            rows.append(ids + cont)
+            where.append((i, j, len(ids), len(cont)))
+    check_lengths(model, rows)
+    out = torch.full((len(prompts), max(len(o) for o in options)), float("-inf"))
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    device = next(model.parameters()).device
+    with torch.inference_mode(), residual_stream_only(model):
+        for batch in tqdm(batches, desc="scoring", disable=not (progress if progress is not None else
+                                                                  len(batches) > 4), leave=False):
+            ids, mask, _ = pad_batch([rows[r] for r in batch], pad, "right")
+            logits = model(ids.to(device), attention_mask=mask.to(device))
+            for b, r in enumerate(batch):
+                i, j, start, n = where[r]
+                # positions start-1 .. start+n-2 predict the option's tokens start .. start+n-1
+                lp = torch.log_softmax(logits[b, start - 1:start + n - 1].float(), dim=-1)
+                out[i, j] = lp.gather(-1, ids[b, start:start + n, None].to(lp.device)).sum().cpu()
+    return out
+
+
+def predict(scores: Float[Tensor, "prompt option"], options: Sequence[Sequence[str]] | None = None,
+            normalize: str | None = None) -> Tensor:
+    """Index of the best option per prompt; ``normalize="chars"`` divides by each option's length first."""
+    if normalize == "chars":
+        if options is None:
+            raise ValueError("normalize='chars' needs the options")
+        lengths = torch.full_like(scores, 1.0)
+        for i, opts in enumerate(options):
+            lengths[i, : len(opts)] = torch.tensor([max(1, len(o)) for o in opts], dtype=scores.dtype)
+        scores = scores / lengths
+    elif normalize is not None:
+        raise ValueError(f"normalize must be None or 'chars', got {normalize!r}")
+    return scores.argmax(-1)
+
+
+def accuracy_and_macro_f1(pred: Sequence[int], gold: Sequence[int]) -> tuple[float, float]:
+    """Accuracy and macro-F1 over the classes that occur in ``gold`` or ``pred``."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    pred, gold = [int(p) for p in pred], [int(g) for g in gold]
+    if len(pred) != len(gold) or not gold:
+        raise ValueError(f"need equally many predictions and gold labels, got {len(pred)} and {len(gold)}")
+    return float(accuracy_score(gold, pred)), float(f1_score(gold, pred, average="macro", zero_division=0))
