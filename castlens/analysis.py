@@ -144,6 +144,10 @@ def summarize(c: Collected, n_boot: int = 1000, seed: int = 0) -> dict:
     all_samples = torch.cat([c.diffs["few"][t] for t in c.tasks])  # [N, layer, d]
     pca = geo.pca_by_layer(all_samples, n_components=10)
     share = geo.shared_component_share(means, pca["components"][:, 0])  # [layer, task]
+    shared = geo.uncentred_first_component(all_samples)
+    shared_share = geo.shared_component_share(means, shared["direction"])  # [layer, task]
+    margins = {v: (signal - torch.tensor(curves[v]["mean"])).tolist() for v in curves if v != "few"}
+    best_per_control = {v: int(torch.tensor(m).argmax()) for v, m in margins.items()}
     return {
         "model": c.model, "tasks": c.tasks, "n_per_task": c.n, "shots": c.shots, "seed": c.seed,
         "n_layers": L, "d_model": c.d_model, "n_boot": n_boot, "notes": c.notes,
@@ -153,6 +157,8 @@ def summarize(c: Collected, n_boot: int = 1000, seed: int = 0) -> dict:
         "random_cosine": rnd.tolist(),
         "random_abs_cosine_expected": geo.expected_random_abs_cosine(c.d_model),
         "margin_over_controls": (signal - strongest).tolist(),
+        "margin_over_each_control": margins,  # control -> per layer
+        "best_layer_over_each_control": best_per_control,
         "cosine_matrix_best_layer": cos[best].tolist(),
         "leave_one_out_best_layer": dict(zip(c.tasks, loo[best].tolist())),
         "leave_one_out": loo.tolist(),
@@ -161,6 +167,9 @@ def summarize(c: Collected, n_boot: int = 1000, seed: int = 0) -> dict:
         "pca_explained_variance_ratio": pca["explained_variance_ratio"].tolist(),  # [layer, k]
         "pc1_share_best_layer": dict(zip(c.tasks, share[best].tolist())),
         "pc1_share": share.tolist(),
+        "shared_component_energy": shared["energy"].tolist(),  # uncentred first component, per layer
+        "shared_component_share_best_layer": dict(zip(c.tasks, shared_share[best].tolist())),
+        "shared_component_share": shared_share.tolist(),
     }
 
 
@@ -172,24 +181,29 @@ def _markdown(s: dict) -> str:
         w, a = s["sample_cosine_within"][layer], s["sample_cosine_across"][layer]
         return (f"| {layer}{' (best)' if layer == b else ''} | {f('few')} | {f('filler')} | {f('shuffled')} | "
                 f"{s['random_cosine'][layer]:+.3f} | {w[0]:.3f} | {a[0]:.3f} | "
-                f"{s['pca_explained_variance_ratio'][layer][0]:.3f} |")
+                f"{s['shared_component_energy'][layer]:.3f} | {s['pca_explained_variance_ratio'][layer][0]:.3f} |")
 
     lines = [
         f"# Parallel directions: {s['model']}", "",
         f"{len(s['tasks'])} tasks, {s['n_per_task']} queries each, {s['shots']} demonstrations; last-token "
         f"`blocks.{{L}}.hook_resid_post`; 95% bootstrap intervals over samples ({s['n_boot']} draws).", "",
         "| layer | few - zero | filler - zero | shuffled - zero | random | sample cos within task | "
-        "sample cos across tasks | PC1 var. share |",
-        "|---|---|---|---|---|---|---|---|",
+        "sample cos across tasks | shared comp. energy | centred PC1 var. share |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     step = max(1, s["n_layers"] // 10)
     shown = sorted(set(range(0, s["n_layers"], step)) | {b, s["n_layers"] - 1})
     lines += [row(layer) for layer in shown]
     lines += ["", f"Best layer {b} (largest margin of the signal over the strongest control: "
-              f"{s['margin_over_controls'][b]:+.3f}).", "",
-              "| task | cosine with the mean of the other tasks | share of its vector along PC1 |", "|---|---|---|"]
-    lines += [f"| {t} | {s['leave_one_out_best_layer'][t]:.3f} | {s['pc1_share_best_layer'][t]:.3f} |"
-              for t in s["tasks"]]
+              f"{s['margin_over_controls'][b]:+.3f})."]
+    for v, layer in s["best_layer_over_each_control"].items():
+        lines.append(f"Largest margin over the {v} control alone: {s['margin_over_each_control'][v][layer]:+.3f} "
+                     f"at layer {layer}.")
+    lines += ["", f"At layer {b}:", "",
+              "| task | cosine with the mean of the other tasks | share along the shared (uncentred) component | "
+              "share along centred PC1 |", "|---|---|---|---|"]
+    lines += [f"| {t} | {s['leave_one_out_best_layer'][t]:.3f} | {s['shared_component_share_best_layer'][t]:.3f} | "
+              f"{s['pc1_share_best_layer'][t]:.3f} |" for t in s["tasks"]]
     if s["notes"]:
         lines += ["", "Notes:"] + [f"- {n}" for n in s["notes"]]
     return "\n".join(lines) + "\n"

@@ -44,6 +44,7 @@ __all__ = [
     "expected_random_abs_cosine",
     "pca_by_layer",
     "shared_component_share",
+    "uncentred_first_component",
     "pca_project",
     "best_layer",
 ]
@@ -373,6 +374,33 @@ def shared_component_share(
         raise ValueError("pc1: a layer's direction has zero norm")
     cos = (_unit(v) * _unit(p)[None]).sum(-1)  # [task, layer]
     return (cos**2).T.contiguous()
+
+
+def uncentred_first_component(samples: Float[Tensor, "n layer d"]) -> dict[str, Tensor]:
+    """The direction shared by all samples: the first right singular vector of the *uncentred* sample matrix per
+    layer (sklearn ``TruncatedSVD``), and the fraction of the total second moment ``sum ||x||^2`` it carries.
+
+    Centred PCA moves a common offset into the mean and so cannot see it; this is the "shared first component"
+    that a CAST-style parallel direction would be. Returns {"direction": [layer, d] (unit, sign: the sample mean
+    projects non-negatively), "energy": [layer]}. float64.
+    """
+    from sklearn.decomposition import TruncatedSVD
+
+    x = _f64(samples, "samples", "n layer d")
+    if x.shape[0] < 2:
+        raise ValueError(f"samples: need at least 2 samples, got {x.shape[0]}")
+    dirs, energy = [], []
+    with threadpool_limits(limits=1, user_api="blas"):
+        for layer in range(x.shape[1]):
+            xl = x[:, layer].numpy()
+            svd = TruncatedSVD(n_components=1, algorithm="arpack", random_state=0).fit(xl)
+            d = torch.from_numpy(svd.components_[0]).double()
+            d = d / d.norm()
+            if float(x[:, layer].mean(0) @ d) < 0:
+                d = -d
+            dirs.append(d)
+            energy.append(float(((x[:, layer] @ d) ** 2).sum() / (x[:, layer] ** 2).sum().clamp_min(_EPS)))
+    return {"direction": torch.stack(dirs), "energy": torch.tensor(energy, dtype=torch.float64)}
 
 
 def pca_project(

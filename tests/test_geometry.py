@@ -382,3 +382,20 @@ def test_accepts_numpy_and_float32_returns_float64():
     v = np.random.default_rng(7).normal(size=(3, 2, 4)).astype(np.float32)
     for out in (G.cosine_matrix(v), G.leave_one_out_cosine(v), G.mean_offdiag(G.cosine_matrix(torch.from_numpy(v)))):
         assert out.dtype == torch.float64
+
+
+def test_uncentred_first_component_finds_a_constant_offset():
+    """A shared offset of constant size: invisible to centred PCA, found by the uncentred component."""
+    from castlens.geometry import uncentred_first_component
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 64, 50
+    u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    x = torch.randn(n, 2, d, generator=g)
+    x[:, 1] += 8 * u  # layer 1 only
+    out = uncentred_first_component(x)
+    assert abs(float(out["direction"][1] @ u.double())) > 0.98 and float(out["direction"][1] @ u.double()) > 0
+    assert out["energy"][1] > 0.5 and out["energy"][0] < 0.15
+    # numpy reference for the energy: top singular value squared over the Frobenius norm squared
+    sv = torch.linalg.svdvals(x[:, 1].double())
+    assert abs(float(out["energy"][1]) - float(sv[0] ** 2 / (sv ** 2).sum())) < 1e-6
