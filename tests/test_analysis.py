@@ -82,3 +82,16 @@ def test_summary_needs_two_tasks():
     c = Collected("toy", ["a"], 3, 1, 0, {"few": {"a": torch.randn(3, 2, 8)}})
     with pytest.raises(ValueError, match="at least 2 tasks"):
         summarize(c)
+
+
+def test_report_without_png_export_writes_html_and_says_how_to_fix(tmp_path, monkeypatch, capsys):
+    from castlens import plots
+
+    monkeypatch.setattr(plots, "png_export_available", lambda: False)
+    tasks = ["a", "b"]
+    g = torch.Generator().manual_seed(1)
+    c = Collected("toy", tasks, 5, 1, 0, {v: {t: torch.randn(5, 3, 16, generator=g) for t in tasks}
+                                        for v in VARIANTS})
+    files = write_report(c, summarize(c, n_boot=50), tmp_path)  # png=None: decide from availability
+    assert not [f for f in files if f.suffix == ".png"] and (tmp_path / "cosine_by_layer.html").is_file()
+    assert "apt-get install -y chromium" in capsys.readouterr().out
