@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -235,8 +234,3 @@ def load_vectors(path: str | os.PathLike, model=None) -> dict[str, SteeringVecto
         out[key] = v
     return out
 
-
-def cosine(a: Tensor, b: Tensor) -> float:
-    """Cosine of two vectors (a convenience for printing)."""
-    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)) \
-        if a.norm() * b.norm() > 0 else math.nan
