@@ -9,6 +9,8 @@ and the ICV paper's norm-preserving variant rescales the result to the original 
 
     h_L[p]  <-  (h_L[p] + lambda v[L]) * ||h_L[p]|| / ||h_L[p] + lambda v[L]||
 
+``mode="replace"`` patches instead (Hendel et al. 2023's task vectors): ``h_L[p] <- v[L]``.
+
 The hooks sit on ``blocks.{L}.hook_resid_post`` and exist only inside :func:`steering` (removed on exit, also on
 an error). ``positions`` selects tokens: ``"all"`` (every position of every forward pass, so with a KV cache
 each newly generated token is steered too), ``"last"`` (the last position of each forward pass), or an integer
@@ -46,13 +48,16 @@ def _directions(model, vector: SteeringVector | Tensor) -> Tensor:
 @contextlib.contextmanager
 def steering(model, vector: SteeringVector | Float[Tensor, "layer d_model"], layers: int | Sequence[int],
              strength: float = 1.0, positions: str | Int[Tensor, "batch"] = "all",
-             norm_preserving: bool = False) -> Iterator[None]:
-    """Inside this context every forward pass of ``model`` is steered by ``strength * vector[L]`` at ``layers``."""
+             norm_preserving: bool = False, mode: str = "add") -> Iterator[None]:
+    """Inside this context every forward pass of ``model`` is steered by ``strength * vector[L]`` at ``layers``
+    (``mode="add"``), or has ``vector[L]`` patched in at the chosen positions (``mode="replace"``)."""
     directions = _directions(model, vector)
     layers = [layers] if isinstance(layers, int) else [int(x) for x in layers]
     bad = [x for x in layers if not 0 <= x < model.cfg.n_layers]
     if bad or not layers:
         raise ValueError(f"steering layers {bad or layers} out of range for {model.cfg.n_layers} layers")
+    if mode not in ("add", "replace"):
+        raise ValueError(f"mode must be 'add' or 'replace', got {mode!r}")
     if isinstance(positions, str) and positions not in ("all", "last"):
         raise ValueError(f"positions must be 'all', 'last' or a tensor of indices, got {positions!r}")
 
@@ -69,6 +74,9 @@ def steering(model, vector: SteeringVector | Float[Tensor, "layer d_model"], lay
                                      f"[batch] = [{x.shape[0]}]")
                 sel = (torch.arange(x.shape[0], device=x.device), positions.to(x.device))
             x = x.clone()
+            if mode == "replace":
+                x[sel] = directions[layer].to(x.device, x.dtype)
+                return x
             h = x[sel]
             new = h + add
             if norm_preserving:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ from torch import Tensor
 from castlens import __version__
 from castlens.activations import HOOK, last_token_resid, tokenize
 from castlens.models import WEIGHT_PROCESSING, model_name, tokenizer_of
-from castlens.prompts import PromptFormat, PromptPair, contrastive_pairs, default_format
-from castlens.tasks import Task, load_task
+from castlens.prompts import PromptFormat, PromptPair, contrastive_pairs, default_format, few_shot_prompt, sample_demos
+from castlens.tasks import Example, Task, load_task
 
 FORMAT = "castlens.vectors/1"
 
@@ -234,3 +235,55 @@ def load_vectors(path: str | os.PathLike, model=None) -> dict[str, SteeringVecto
         out[key] = v
     return out
 
+
+
+# ---------------------------------------------------------------- other constructions (compared in transfer runs)
+def principal_direction(samples: Float[Tensor, "n layer d"], centred: bool = False) -> Float[Tensor, "layer d"]:
+    """ICV-style vector: the first principal direction of the per-sample differences at each layer, signed to
+    agree with their mean and scaled to the mean's norm (so strengths compare with the mean-difference vector).
+
+    ``centred=False`` (default) takes the top right singular vector of the uncentred differences: the direction
+    they share. Centred PCA (``centred=True``, as sklearn's PCA) moves that shared offset into the mean and returns
+    the main direction along which samples *differ*.
+    """
+    from sklearn.decomposition import PCA, TruncatedSVD
+
+    if samples.ndim != 3 or samples.shape[0] < 2:
+        raise ValueError(f"samples must be [n >= 2, layer, d], got shape {tuple(samples.shape)}")
+    x = samples.double()
+    mean = x.mean(0)
+    out = torch.empty_like(mean)
+    for layer in range(x.shape[1]):
+        xl = x[:, layer].numpy()
+        fit = (PCA(n_components=1) if centred else TruncatedSVD(n_components=1, algorithm="arpack",
+                                                                random_state=0)).fit(xl)
+        d = torch.from_numpy(fit.components_[0]).double()
+        d = d / d.norm()
+        out[layer] = d * (1.0 if float(d @ mean[layer]) >= 0 else -1.0) * mean[layer].norm()
+    return out.float()
+
+
+def random_like(directions: Float[Tensor, "layer d"], seed: int = 0) -> Float[Tensor, "layer d"]:
+    """A control: a Gaussian random direction per layer with the same norm as ``directions`` at that layer."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(directions.shape, generator=g, dtype=torch.float64)
+    return (r / r.norm(dim=-1, keepdim=True) * directions.double().norm(dim=-1, keepdim=True)).float()
+
+
+def icl_task_vector(model, task: Task | str, n: int, shots: int, seed: int = 0, dummy: str = "x",
+                    fmt: PromptFormat | None = None, chat: bool = False, batch_size: int = 16,
+                    data_dir: str | None = None) -> SteeringVector:
+    """Hendel et al. (2023) task vector: the last-token residual stream of ``shots`` demonstrations followed by a
+    dummy query, averaged over ``n`` demonstration sets. It is *patched in* (``steering(..., mode="replace")``)
+    at the last token of a zero-shot prompt, not added."""
+    task = load_task(task, data_dir) if isinstance(task, str) else task
+    fmt = fmt or default_format(task)
+    rng = random.Random(f"{seed}:task_vector:{task.name}:{n}:{shots}")
+    train = task.split("train")
+    prompts = [few_shot_prompt(Example(dummy, ""), sample_demos(train, shots, rng, task=task.name), fmt)
+               for _ in range(n)]
+    acts = last_token_resid(model, prompts, batch_size=batch_size, chat=chat)
+    return SteeringVector(directions=acts.mean(0), model=model_name(model), task=task.name, n_samples=n,
+                          shots=shots, seed=seed, method="task_vector (Hendel et al. 2023; patch, do not add)",
+                          prompt_format=fmt.to_dict(), chat=chat,
+                          prompts=[{"few": p, "dummy_query": dummy} for p in prompts])

@@ -106,3 +106,15 @@ def test_hooks_removed_after_error_and_bad_input(tiny):
     with pytest.raises(VectorFileError, match="made for model 'smollm2-135m-instruct'"):
         with steering(tiny, other, layers=1):
             pass
+
+
+def test_replace_mode_patches_exactly(tiny):
+    ids = tokenize(tiny, PROMPTS[:1])[0]
+    v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model)
+    base = resid_all_positions(tiny, ids)
+    with steering(tiny, v, layers=2, positions="last", mode="replace"):
+        out = resid_all_positions(tiny, ids)
+    assert torch.equal(out[2, -1], v[2]) and torch.equal(out[:2], base[:2]) and torch.equal(out[:, :-1], base[:, :-1])
+    with pytest.raises(ValueError, match="mode must be"):
+        with steering(tiny, v, layers=2, mode="scale"):
+            pass

@@ -99,3 +99,44 @@ def test_corrupt_truncated_missing_nan(saved):
     js.write_text(json.dumps(doc))
     with pytest.raises(VectorFileError, match="NaN or inf"):
         load_vectors(path)
+
+
+def test_principal_direction_recovers_a_planted_shared_direction():
+    from castlens.vectors import principal_direction
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 40, 48
+    u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    samples = torch.randn(n, 2, d, generator=g) * 0.5
+    samples[:, 1] += 5 * u * (1 + 0.2 * torch.randn(n, 1, generator=g))  # layer 1: shared offset, varying size
+    v = principal_direction(samples)
+    cos = torch.nn.functional.cosine_similarity(v[1], u, dim=0)
+    assert cos > 0.98  # signed to agree with the mean (not -u)
+    assert torch.allclose(v.norm(dim=-1), samples.mean(0).norm(dim=-1), rtol=1e-5)
+    # numpy reference: top right singular vector of the uncentred layer-1 matrix
+    _, _, vt = torch.linalg.svd(samples[:, 1].double(), full_matrices=False)
+    assert abs(abs(float(torch.nn.functional.cosine_similarity(v[1].double(), vt[0], dim=0))) - 1) < 1e-6
+
+
+def test_random_like_matches_norms_only():
+    from castlens.vectors import random_like
+
+    v = torch.randn(5, 256) * torch.arange(1, 6)[:, None]
+    r = random_like(v, seed=3)
+    assert torch.allclose(r.norm(dim=-1), v.norm(dim=-1), rtol=1e-5)
+    assert torch.nn.functional.cosine_similarity(r, v).abs().max() < 0.3  # ~1/sqrt(256) apart
+    assert torch.equal(r, random_like(v, seed=3)) and not torch.equal(r, random_like(v, seed=4))
+
+
+def test_icl_task_vector_equals_plain_transformers(tiny):
+    """Mean last-token state of demos + dummy query, from an unwrapped copy of the weights."""
+    from conftest import hf_last_token_states
+
+    from castlens.vectors import icl_task_vector
+
+    tv = icl_task_vector(tiny, "antonym", n=3, shots=2, seed=0)
+    ref_model = tiny_hf_model(seed=0)
+    prompts = [p["few"] for p in tv.prompts]
+    assert all(p.endswith("\n\nx\nAnswer:") and p.count("\nAnswer: ") == 2 for p in prompts)
+    manual = torch.stack([hf_last_token_states(ref_model, ids) for ids in tokenize(tiny, prompts)]).mean(0)
+    assert (tv.directions - manual).abs().max() < 1e-4
