@@ -9,6 +9,10 @@ the prediction is the argmax over options (with ``normalize="chars"``, the score
 character count, as lm-evaluation-harness's acc_norm). Prompt and continuation are tokenized separately and
 concatenated, so the prompt's tokens are identical across options. Works inside :func:`castlens.steering.steering`
 (hooks on the residual stream fire on every scoring pass).
+
+Logits are computed only where they are read: the final residual stream is captured at the option positions,
+the forward stops there, and the model's own final norm and unembedding (``ln_final``, ``unembed``) are applied
+to those rows alone, instead of a 49,152-way unembedding at every position.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from castlens.activations import check_lengths, pad_batch, tokenize
+from castlens.activations import HOOK, _Stop, check_lengths, pad_batch, tokenize
 from castlens.models import residual_stream_only, tokenizer_of
 
 
@@ -50,15 +54,29 @@ def option_logprobs(model, prompts: Sequence[str], options: Sequence[Sequence[st
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     device = next(model.parameters()).device
-    with torch.inference_mode(), residual_stream_only(model):
+    final = HOOK.format(layer=model.cfg.n_layers - 1)
+    state: dict = {}
+
+    def capture(x: Tensor, hook) -> None:  # the final residual at the positions that predict option tokens
+        state["h"] = [x[b, s - 1:s + n - 1] for b, (s, n) in enumerate(state["spans"])]
+        raise _Stop
+
+    with torch.inference_mode(), residual_stream_only(model), model.hooks(fwd_hooks=[(final, capture)]):
         for batch in tqdm(batches, desc="scoring", disable=not (progress if progress is not None else
                                                                   len(batches) > 4), leave=False):
             ids, mask, _ = pad_batch([rows[r] for r in batch], pad, "right")
-            logits = model(ids.to(device), attention_mask=mask.to(device))
+            state["spans"] = [(where[r][2], where[r][3]) for r in batch]
+            try:
+                model(ids.to(device), attention_mask=mask.to(device), return_type=None)
+            except _Stop:
+                pass
+            logits = model.unembed(model.ln_final(torch.cat(state["h"])[None]))[0].float()
+            lp_all = torch.log_softmax(logits, dim=-1)
+            offset = 0
             for b, r in enumerate(batch):
                 i, j, start, n = where[r]
-                # positions start-1 .. start+n-2 predict the option's tokens start .. start+n-1
-                lp = torch.log_softmax(logits[b, start - 1:start + n - 1].float(), dim=-1)
+                lp = lp_all[offset:offset + n]
+                offset += n
                 out[i, j] = lp.gather(-1, ids[b, start:start + n, None].to(lp.device)).sum().cpu()
     return out
 

@@ -62,3 +62,22 @@ def test_predict_and_metrics():
         accuracy_and_macro_f1([0], [0, 1])
     with pytest.raises(ValueError, match="2 prompts but 1 option lists"):
         option_logprobs(None, PROMPTS, OPTIONS[:1])
+
+
+def test_steering_at_the_final_layer_reaches_the_scores(tiny):
+    """The capture hook must see the steered final residual (steering registered first)."""
+    ref = tiny_hf_model(seed=0)
+    v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model)
+    last = tiny.cfg.n_layers - 1
+    with steering(tiny, v, layers=last, strength=3.0):
+        got = option_logprobs(tiny, PROMPTS[:1], OPTIONS[:1])
+
+    def add(module, inputs, output):
+        return (output[0] + 3.0 * v[last], *output[1:]) if isinstance(output, tuple) else output + 3.0 * v[last]
+
+    h = ref.model.layers[last].register_forward_hook(add)
+    try:
+        want, _ = manual(ref, tiny.castlens_tokenizer, tokenize(tiny, PROMPTS[:1])[0], "not duplicate")
+    finally:
+        h.remove()
+    assert abs(got[0, 1].item() - want) < 1e-3
