@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from castlens.activations import last_token_resid, pad_batch, tokenize
+from castlens.activations import last_token_resid, length_sorted_batches, pad_batch, tokenize
 from castlens.models import load_hf, load_model
 from castlens.prompts import contrastive_pairs
 from castlens.tasks import CAST_SOURCES, load_task
@@ -48,8 +48,7 @@ def main() -> None:
     seqs = tokenize(model, prompts)
     seqs = [s for s in seqs if len(s) <= a.max_tokens][: a.n]
     n_tokens = sum(len(s) for s in seqs)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # the same batches castlens builds
-    batches = [[seqs[i] for i in order[j:j + a.batch_size]] for j in range(0, len(order), a.batch_size)]
+    batches = [[seqs[i] for i in b] for b in length_sorted_batches(seqs, a.batch_size)]  # castlens' batches
     pad = model.castlens_tokenizer.pad_token_id
 
     def castlens_run():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from castlens.activations import pad_batch, tokenize
+from castlens.activations import length_sorted_batches, pad_batch, tokenize
 from castlens.evaluation import option_logprobs
 from castlens.models import load_hf, load_model
 from castlens.prompts import contrastive_pairs
@@ -44,8 +44,7 @@ def main() -> None:
             cont = tok(" " + opt, add_special_tokens=False)["input_ids"]
             rows.append(ids + cont)
             spans.append((len(ids), len(cont)))
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
-    batches = [order[k:k + a.batch_size] for k in range(0, len(order), a.batch_size)]
+    batches = length_sorted_batches(rows, a.batch_size)
 
     def plain():
         out = torch.empty(len(rows))

@@ -62,8 +62,16 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str = "r
     return ids, mask, last
 
 
-class _Stop(Exception):
-    """Raised by the hook of the deepest layer read, to skip the rest of the forward pass."""
+class StopForward(Exception):
+    """Raised by a hook once it has read what it needs, to skip the rest of the forward pass."""
+
+
+def length_sorted_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices of ``seqs`` in batches of ``batch_size``, longest first (rows of similar length pad least)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def check_lengths(model, seqs: Sequence[Sequence[int]]) -> None:
@@ -98,7 +106,6 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
     pad_id = 0 if pad_id is None else pad_id
 
     out = torch.empty(len(seqs), len(layers), model.cfg.d_model, dtype=torch.float32)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     deepest = max(layers)
     device = next(model.parameters()).device
     state: dict = {}
@@ -107,11 +114,11 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
         def hook(x: Tensor, hook) -> None:
             out[state["rows"], j] = x[torch.arange(x.shape[0], device=x.device), state["last"]].float().cpu()
             if layer == deepest:
-                raise _Stop
+                raise StopForward
         return hook
 
     fwd_hooks = [(HOOK.format(layer=layer), make_hook(j, layer)) for j, layer in enumerate(layers)]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_sorted_batches(seqs, batch_size)
     show = progress if progress is not None else len(batches) > 4
     with torch.inference_mode(), residual_stream_only(model), model.hooks(fwd_hooks=fwd_hooks):
         for rows in tqdm(batches, desc="activations", disable=not show, leave=False):
@@ -119,6 +126,6 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
             state["rows"], state["last"] = torch.tensor(rows), last.to(device)
             try:
                 model(ids.to(device), attention_mask=mask.to(device), return_type=None)
-            except _Stop:
+            except StopForward:
                 pass
     return out

@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from castlens.activations import HOOK, _Stop, check_lengths, pad_batch, tokenize
+from castlens.activations import HOOK, StopForward, check_lengths, length_sorted_batches, pad_batch, tokenize
 from castlens.models import residual_stream_only, tokenizer_of
 
 
@@ -50,16 +50,15 @@ def option_logprobs(model, prompts: Sequence[str], options: Sequence[Sequence[st
             where.append((i, j, len(ids), len(cont)))
     check_lengths(model, rows)
     out = torch.full((len(prompts), max(len(o) for o in options)), float("-inf"))
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    batches = length_sorted_batches(rows, batch_size)
     device = next(model.parameters()).device
     final = HOOK.format(layer=model.cfg.n_layers - 1)
     state: dict = {}
 
     def capture(x: Tensor, hook) -> None:  # the final residual at the positions that predict option tokens
         state["h"] = [x[b, s - 1:s + n - 1] for b, (s, n) in enumerate(state["spans"])]
-        raise _Stop
+        raise StopForward
 
     with torch.inference_mode(), residual_stream_only(model), model.hooks(fwd_hooks=[(final, capture)]):
         for batch in tqdm(batches, desc="scoring", disable=not (progress if progress is not None else
@@ -68,7 +67,7 @@ def option_logprobs(model, prompts: Sequence[str], options: Sequence[Sequence[st
             state["spans"] = [(where[r][2], where[r][3]) for r in batch]
             try:
                 model(ids.to(device), attention_mask=mask.to(device), return_type=None)
-            except _Stop:
+            except StopForward:
                 pass
             logits = model.unembed(model.ln_final(torch.cat(state["h"])[None]))[0].float()
             lp_all = torch.log_softmax(logits, dim=-1)

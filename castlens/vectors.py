@@ -30,6 +30,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from castlens import __version__
+from castlens import geometry as geo
 from castlens.activations import HOOK, last_token_resid, tokenize
 from castlens.models import WEIGHT_PROCESSING, model_name, tokenizer_of
 from castlens.prompts import PromptFormat, PromptPair, contrastive_pairs, default_format, few_shot_prompt, sample_demos
@@ -246,21 +247,12 @@ def principal_direction(samples: Float[Tensor, "n layer d"], centred: bool = Fal
     they share. Centred PCA (``centred=True``, as sklearn's PCA) moves that shared offset into the mean and returns
     the main direction along which samples *differ*.
     """
-    from sklearn.decomposition import PCA, TruncatedSVD
-
     if samples.ndim != 3 or samples.shape[0] < 2:
         raise ValueError(f"samples must be [n >= 2, layer, d], got shape {tuple(samples.shape)}")
-    x = samples.double()
-    mean = x.mean(0)
-    out = torch.empty_like(mean)
-    for layer in range(x.shape[1]):
-        xl = x[:, layer].numpy()
-        fit = (PCA(n_components=1) if centred else TruncatedSVD(n_components=1, algorithm="arpack",
-                                                                random_state=0)).fit(xl)
-        d = torch.from_numpy(fit.components_[0]).double()
-        d = d / d.norm()
-        out[layer] = d * (1.0 if float(d @ mean[layer]) >= 0 else -1.0) * mean[layer].norm()
-    return out.float()
+    # both are signed so that the mean difference projects non-negatively on them
+    unit = geo.pca_by_layer(samples, n_components=1)["components"][:, 0] if centred \
+        else geo.uncentred_first_component(samples)["direction"]
+    return (unit * samples.double().mean(0).norm(dim=-1, keepdim=True)).float()
 
 
 def random_like(directions: Float[Tensor, "layer d"], seed: int = 0) -> Float[Tensor, "layer d"]:

@@ -116,6 +116,12 @@ def test_principal_direction_recovers_a_planted_shared_direction():
     # numpy reference: top right singular vector of the uncentred layer-1 matrix
     _, _, vt = torch.linalg.svd(samples[:, 1].double(), full_matrices=False)
     assert abs(abs(float(torch.nn.functional.cosine_similarity(v[1].double(), vt[0], dim=0))) - 1) < 1e-6
+    # centred: the first component of the centred matrix (SVD reference), not the shared offset
+    c = principal_direction(samples, centred=True)
+    centred = samples[:, 1].double() - samples[:, 1].double().mean(0)
+    _, _, vt_c = torch.linalg.svd(centred, full_matrices=False)
+    assert abs(abs(float(torch.nn.functional.cosine_similarity(c[1].double(), vt_c[0], dim=0))) - 1) < 1e-6
+    assert torch.allclose(c.norm(dim=-1), samples.mean(0).norm(dim=-1), rtol=1e-5)
 
 
 def test_random_like_matches_norms_only():
