@@ -28,16 +28,18 @@ from castlens.activations import HOOK, StopForward, check_lengths, length_sorted
 from castlens.models import residual_stream_only, tokenizer_of
 
 
-def option_logprobs(model, prompts: Sequence[str], options: Sequence[Sequence[str]], sep: str = " ",
+def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], options: Sequence[Sequence[str]],
+                    sep: str = " ",
                     batch_size: int = 16, chat: bool = False, progress: bool | None = None
                     ) -> Float[Tensor, "prompt option"]:
-    """Summed log-probability of ``sep + option`` after each prompt; ``-inf`` pads rows with fewer options."""
+    """Summed log-probability of ``sep + option`` after each prompt (text, or token ids); ``-inf`` pads rows with
+    fewer options."""
     if len(prompts) != len(options):
         raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists")
     if not prompts:
         raise ValueError("no prompts given")
     tok = tokenizer_of(model)
-    p_ids = tokenize(model, prompts, chat)
+    p_ids = tokenize(model, prompts, chat) if isinstance(prompts[0], str) else [list(p) for p in prompts]
     rows, where = [], []  # one row per (prompt, option)
     for i, (ids, opts) in enumerate(zip(p_ids, options)):
         if not opts:

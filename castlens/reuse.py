@@ -1,0 +1,305 @@
+"""Reuse: run a shared prefix once, and steer only the last prompt token, so sweeps cost almost nothing.
+
+Few-shot ICL, cross-task ICL and the few-shot half of vector extraction give many queries the *same*
+demonstrations. Every query ``i`` is the token sequence ``prefix + body_i + last_i``; the forward pass is split
+along it and the key/value cache carries the attention context from one piece to the next:
+
+1. ``prefix`` (instruction and demonstrations) runs once; its keys and values are kept;
+2. each batch of query bodies runs on top of that cache (rows left-padded *between* prefix and body, with explicit
+   position ids, so each row sees exactly the positions it would see alone);
+3. the last prompt token (plus, for multi-token answers, the answer tokens) runs on top of the body cache once
+   per *setting*: unsteered, or steered by ``strength * v[L]`` at the last prompt token (CAST, Sec. 3).
+
+Because steering the last prompt token changes nothing before it, step 3 is all that a new layer, strength or
+vector costs: one token per query for single-token answers, instead of the whole prompt. A sweep over layers x
+strengths x vector constructions at the last token therefore runs the prompt body once (the "lower layers
+once" reuse of the performance issue, taken to its limit: every position except the steered one is shared).
+
+Steering goes through :func:`castlens.steering.steering`, i.e. TransformerLens hooks on
+``blocks.{L}.hook_resid_post``; attention runs in its native sdpa form (:func:`residual_stream_only`).
+
+Token sequences are passed as ids. ``prefix + query`` is a concatenation of ids, so a caller comparing against a
+plain full-prompt pass must give the plain path the same concatenated ids (tokenizing the joined text can merge
+tokens across the boundary differently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from castlens.activations import HOOK, StopForward, check_lengths, length_sorted_batches
+from castlens.models import residual_stream_only, tokenizer_of
+from castlens.steering import steering
+
+KV = list[tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to run the last prompt token: unsteered (``directions=None``), ``strength * directions[layer]``
+    added (``mode="add"``, optionally norm-preserving), or ``directions[layer]`` patched in (``mode="replace"``)."""
+
+    name: str
+    directions: Tensor | None = None  # [n_layers, d_model]
+    layer: int = 0
+    strength: float = 1.0
+    mode: str = "add"
+    norm_preserving: bool = False
+
+
+UNSTEERED = Setting("unsteered")
+
+
+def _pad_id(model) -> int:
+    pad = tokenizer_of(model).pad_token_id
+    return 0 if pad is None else int(pad)
+
+
+def _forward(model, ids: Tensor, mask: Tensor, pos: Tensor, kv: KV | DynamicCache | None, read: list[tuple[int, int, int]] | None,
+             resid_layers: Sequence[int] = ()) -> tuple[DynamicCache, Tensor | None, dict[int, Tensor]]:
+    """One bridge forward on top of cached keys/values ``kv``; returns the grown cache, the final residual at
+    ``read`` = [(row, start, n)] spans (concatenated rows) and the residual at the last column for
+    ``resid_layers``. No unembedding is computed here; a pass that only reads ``resid_layers`` stops after the
+    deepest of them (its cache is then incomplete and must not be reused)."""
+    device = next(model.parameters()).device
+    if isinstance(kv, DynamicCache):
+        cache = kv
+        for layer in cache.layers:
+            layer.rewind()
+    else:
+        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
+    out: dict = {"resid": {}}
+    final = max(resid_layers) if resid_layers and read is None else model.cfg.n_layers - 1
+
+    def grab(layer: int):
+        def hook(x: Tensor, hook) -> None:
+            if layer in resid_layers:
+                out["resid"][layer] = x[:, -1].float().cpu()
+            if layer == final and read is not None:
+                out["h"] = torch.cat([x[r, s:s + n] for r, s, n in read])
+            if layer == final:
+                raise StopForward
+        return hook
+
+    hooks = [(HOOK.format(layer=layer), grab(layer)) for layer in sorted(set(resid_layers) | {final})]
+    with model.hooks(fwd_hooks=hooks):
+        try:
+            model(ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                  past_key_values=cache, use_cache=True, return_type=None)
+        except StopForward:
+            pass
+    return cache, out.get("h"), out["resid"]
+
+
+class _RewindableLayer(DynamicLayer):
+    """A cache layer over a preallocated buffer: new tokens are written after the kept ``base`` tokens, and
+    :meth:`rewind` drops them again, so running many settings on top of one cache copies no past keys/values
+    (a plain DynamicCache concatenates, i.e. copies the whole past, at every step)."""
+
+    def __init__(self, keys: Tensor, values: Tensor, room: int):
+        super().__init__()
+        b, h, t, d = keys.shape
+        self.base = t
+        self.buf_k = keys.new_empty((b, h, t + room, d))
+        self.buf_v = values.new_empty((b, h, t + room, values.shape[-1]))
+        self.buf_k[:, :, :t] = keys
+        self.buf_v[:, :, :t] = values
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.rewind()
+
+    def rewind(self) -> None:
+        self.keys, self.values = self.buf_k[:, :, :self.base], self.buf_v[:, :, :self.base]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        end = self.keys.shape[-2] + key_states.shape[-2]
+        self.buf_k[:, :, end - key_states.shape[-2]:end] = key_states
+        self.buf_v[:, :, end - key_states.shape[-2]:end] = value_states
+        self.keys, self.values = self.buf_k[:, :, :end], self.buf_v[:, :, :end]
+        return self.keys, self.values
+
+
+def _rewindable(kv: KV, room: int) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = [_RewindableLayer(k, v, room) for k, v in kv]
+    return cache
+
+
+def _kv(cache: DynamicCache) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _select(kv: KV, rows: Tensor) -> KV:
+    return [(k[rows], v[rows]) for k, v in kv]
+
+
+def prefix_cache(model, prefix_ids: Sequence[int]) -> KV | None:
+    """Keys and values of ``prefix_ids`` at every layer (``None`` for an empty prefix)."""
+    if not prefix_ids:
+        return None
+    ids = torch.tensor([list(prefix_ids)])
+    with torch.inference_mode(), residual_stream_only(model):
+        cache, _, _ = _forward(model, ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], None, None)
+    return _kv(cache)
+
+
+def _layout(model, p: int, seqs: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Ids, attention mask (over prefix + sequences) and position ids for ``seqs`` placed after a prefix of
+    ``p`` tokens, left-padded between prefix and sequence."""
+    b, width = len(seqs), max(len(x) for x in seqs)
+    ids = torch.full((b, width), _pad_id(model), dtype=torch.long)
+    smask = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.ones((b, width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            smask[i, width - len(s):] = 1
+            pos[i, width - len(s):] = torch.arange(p, p + len(s))
+    return ids, torch.cat([torch.ones((b, p), dtype=torch.long), smask], 1), pos
+
+
+def _expand(kv: KV | None, b: int) -> KV | None:
+    return [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv] if kv else None
+
+
+def _body_batch(model, prefix_kv: KV | None, p: int, bodies: list[list[int]]):
+    """Run the bodies on top of the prefix cache; returns the cache, the mask over prefix + bodies, and each
+    row's next position."""
+    ids, mask, pos = _layout(model, p, bodies)
+    kv = _expand(prefix_kv, len(bodies))
+    nxt = torch.tensor([p + len(s) for s in bodies])
+    if ids.shape[1] == 0:
+        return kv, mask, nxt
+    cache, _, _ = _forward(model, ids, mask, pos, kv, None)
+    return _kv(cache), mask, nxt
+
+
+def _option_rows(options: Sequence[Sequence[Sequence[int]]]
+                 ) -> tuple[list[tuple[int, list[int]]], list[list[tuple[int, list[int]]]]]:
+    """Rows of the last-token chunk for a batch, shared between options: a row ``(query b, tokens c)`` runs
+    ``[last token] + c``, and position ``t`` of it predicts the ``t``-th token of every option whose tokens minus
+    the last are a prefix of ``c``. Single-token labels all share one row; so do " 1".." 5" (a shared space) and
+    options like "entailment" = 2 tokens beside one-token "neutral". Returns the rows and, per query, per option,
+    (row index, option tokens)."""
+    rows: list[tuple[int, list[int]]] = []
+    reads = []
+    for b, opts in enumerate(options):
+        mine: list[int] = []
+        where = {}
+        for j in sorted(range(len(opts)), key=lambda j: -len(opts[j])):  # longest first: they define rows
+            head = list(opts[j][:-1])
+            r = next((r for r in mine if rows[r][1][:len(head)] == head), None)
+            if r is None:
+                rows.append((b, head))
+                r = len(rows) - 1
+                mine.append(r)
+            where[j] = (r, list(opts[j]))
+        reads.append([where[j] for j in range(len(opts))])
+    return rows, reads
+
+
+def prefix_option_logprobs(model, prefix_ids: Sequence[int], query_ids: Sequence[Sequence[int]],
+                           option_ids: Sequence[Sequence[Sequence[int]]], settings: Sequence[Setting] = (UNSTEERED,),
+                           batch_size: int = 16, progress: bool | None = None,
+                           prefix_kv: KV | None = None, timings: dict | None = None
+                           ) -> Float[Tensor, "setting query option"]:
+    """``sum_j log P(option token j | prefix, query, option tokens < j)`` under each setting (steering at the
+    query's last token), for every query and option; ``-inf`` pads rows with fewer options.
+
+    Equals :func:`castlens.evaluation.option_logprobs` on the concatenated ids ``prefix + query`` (tested to
+    1e-4), but runs the prefix once and each query body once for all ``settings``. ``timings``, if given, gets
+    the seconds spent on the prefix, the bodies, and each setting's last-token passes (keyed by setting name)."""
+    import time
+
+    timings = {} if timings is None else timings
+    clock = time.perf_counter
+    if len(query_ids) != len(option_ids):
+        raise ValueError(f"{len(query_ids)} queries but {len(option_ids)} option lists")
+    if not query_ids:
+        raise ValueError("no queries given")
+    p = len(prefix_ids)
+    for i, (q, opts) in enumerate(zip(query_ids, option_ids)):
+        if not q:
+            raise ValueError(f"query {i} is empty")
+        if not opts or any(not o for o in opts):
+            raise ValueError(f"query {i} has no options or an option with no tokens")
+    check_lengths(model, [list(prefix_ids) + list(q) + list(max(o, key=len)) for q, o in zip(query_ids, option_ids)])
+    for s in settings:
+        if s.directions is not None and not 0 <= s.layer < model.cfg.n_layers:
+            raise ValueError(f"setting {s.name!r}: layer {s.layer} out of range")
+    n_opt = max(len(o) for o in option_ids)
+    out = torch.full((len(settings), len(query_ids), n_opt), float("-inf"))
+    pad = _pad_id(model)
+    batches = length_sorted_batches(query_ids, batch_size)
+    with torch.inference_mode(), residual_stream_only(model):
+        t0 = clock()
+        kv0 = prefix_kv if prefix_kv is not None else prefix_cache(model, prefix_ids)
+        timings["prefix"] = timings.get("prefix", 0.0) + clock() - t0
+        for batch in tqdm(batches, desc="scoring", leave=False,
+                          disable=not (progress if progress is not None else len(batches) > 4)):
+            t0 = clock()
+            kv, mask, nxt = _body_batch(model, kv0, p, [list(query_ids[q][:-1]) for q in batch])
+            rows, reads = _option_rows([option_ids[q] for q in batch])
+            chunks = [[query_ids[batch[b]][-1]] + c for b, c in rows]
+            width = max(len(c) for c in chunks)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            cmask = torch.zeros((len(rows), width), dtype=torch.long)
+            src = torch.tensor([b for b, _ in rows])
+            for r, c in enumerate(chunks):
+                ids[r, :len(c)] = torch.tensor(c)
+                cmask[r, :len(c)] = 1
+            pos = nxt[src, None] + torch.arange(width)[None]
+            full_mask = torch.cat([mask[src], cmask], 1)
+            same = len(rows) == len(batch)  # one row per query: the body cache serves as it is
+            kv_rows = None if kv is None else _rewindable(kv if same else _select(kv, src), width)
+            read = [(r, 0, len(c)) for r, c in enumerate(chunks)]
+            offsets = torch.tensor([0] + [len(c) for c in chunks]).cumsum(0)
+            timings["body"] = timings.get("body", 0.0) + clock() - t0
+            for si, s in enumerate(settings):
+                t0 = clock()
+                if s.directions is None:
+                    _, h, _ = _forward(model, ids, full_mask, pos, kv_rows, read)
+                else:
+                    with steering(model, s.directions, s.layer, s.strength, positions=torch.zeros(len(rows),
+                                  dtype=torch.long), norm_preserving=s.norm_preserving, mode=s.mode):
+                        _, h, _ = _forward(model, ids, full_mask, pos, kv_rows, read)
+                lp = torch.log_softmax(model.unembed(model.ln_final(h[None]))[0].float(), -1).cpu()
+                for b, q in enumerate(batch):
+                    for j, (r, toks) in enumerate(reads[b]):
+                        at = offsets[r] + torch.arange(len(toks))
+                        out[si, q, j] = lp[at, torch.tensor(toks)].sum()
+                timings[s.name] = timings.get(s.name, 0.0) + clock() - t0
+    return out
+
+
+def prefix_last_token_resid(model, prefix_ids: Sequence[int], query_ids: Sequence[Sequence[int]],
+                            layers: Sequence[int] | None = None, batch_size: int = 16,
+                            progress: bool | None = None) -> Float[Tensor, "query layer d_model"]:
+    """``blocks.{L}.hook_resid_post`` at the last token of ``prefix + query`` for each query, with the prefix run
+    once. Equals :func:`castlens.activations.last_token_resid` on the concatenated ids (tested to 1e-4)."""
+    layers = list(range(model.cfg.n_layers)) if layers is None else [int(x) for x in layers]
+    if not layers or any(not 0 <= x < model.cfg.n_layers for x in layers):
+        raise ValueError(f"layers {layers} out of range for {model.cfg.n_layers} layers")
+    if not query_ids or any(not q for q in query_ids):
+        raise ValueError("need at least one query and no empty query")
+    check_lengths(model, [list(prefix_ids) + list(q) for q in query_ids])
+    p = len(prefix_ids)
+    out = torch.empty(len(query_ids), len(layers), model.cfg.d_model)
+    batches = length_sorted_batches(query_ids, batch_size)
+    with torch.inference_mode(), residual_stream_only(model):
+        kv0 = prefix_cache(model, prefix_ids)
+        for batch in tqdm(batches, desc="activations", leave=False,
+                          disable=not (progress if progress is not None else len(batches) > 4)):
+            ids, mask, pos = _layout(model, p, [list(query_ids[q]) for q in batch])
+            kv = _expand(kv0, len(batch))
+            _, _, resid = _forward(model, ids, mask, pos, kv, None, resid_layers=layers)
+            for j, layer in enumerate(layers):
+                out[torch.tensor(batch), j] = resid[layer]
+    return out
