@@ -15,6 +15,10 @@ The hooks sit on ``blocks.{L}.hook_resid_post`` and exist only inside :func:`ste
 an error). ``positions`` selects tokens: ``"all"`` (every position of every forward pass, so with a KV cache
 each newly generated token is steered too), ``"last"`` (the last position of each forward pass), or an integer
 tensor ``[batch]`` of per-row indices (the last real token under right padding).
+
+For generation, :func:`generate` decodes greedily with a KV cache and applies the vector at the positions
+chosen: ``"last"`` steers the prompt's last token only (generated tokens see the vector through attention to
+its cached keys and values), ``"all"`` also every generated token.
 """
 
 from __future__ import annotations
@@ -87,3 +91,40 @@ def steering(model, vector: SteeringVector | Float[Tensor, "layer d_model"], lay
 
     with model.hooks(fwd_hooks=[(HOOK.format(layer=layer), make_hook(layer)) for layer in layers]):
         yield
+
+
+def generate(model, prompt_ids: Sequence[int], max_new_tokens: int,
+             vector: SteeringVector | Float[Tensor, "layer d_model"] | None = None, layers: int | Sequence[int] = 0,
+             strength: float = 1.0, positions: str = "last", norm_preserving: bool = False, mode: str = "add"
+             ) -> list[int]:
+    """Greedy decoding with a key/value cache, steered by ``vector`` (``None``: unsteered).
+
+    ``positions="last"`` steers only the prompt's last token: generated tokens are not steered themselves and see
+    the vector only through attention to that position's cached keys and values. ``positions="all"`` steers every
+    prompt token and every generated token. Returns the new token ids."""
+    from transformers import DynamicCache
+
+    from castlens.models import residual_stream_only
+
+    if positions not in ("all", "last"):
+        raise ValueError(f"positions must be 'all' or 'last' for generation, got {positions!r}")
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    device = next(model.parameters()).device
+    cache, ids, new = DynamicCache(), torch.tensor([list(prompt_ids)], device=device), []
+
+    def step(x: Tensor, steer: bool) -> int:
+        ctx = steering(model, vector, layers, strength, positions, norm_preserving, mode) \
+            if steer and vector is not None else contextlib.nullcontext()
+        with ctx:
+            logits = model(x, past_key_values=cache, use_cache=True, return_type="logits")
+        return int(logits[0, -1].argmax())
+
+    with torch.inference_mode(), residual_stream_only(model):
+        tok = step(ids, True)  # the prompt: "last" steers its last position, "all" every position
+        for _ in range(max_new_tokens):
+            new.append(tok)
+            if len(new) == max_new_tokens:
+                break
+            tok = step(torch.tensor([[tok]], device=device), positions == "all")
+    return new

@@ -118,3 +118,28 @@ def test_replace_mode_patches_exactly(tiny):
     with pytest.raises(ValueError, match="mode must be"):
         with steering(tiny, v, layers=2, mode="scale"):
             pass
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_generation_with_kv_cache_steers_only_the_chosen_positions(tiny, positions):
+    """Cached greedy decoding equals, token for token, one uncached forward over prompt + generated tokens
+    steered at exactly the positions asked for ('last': the prompt's last token only; 'all': every position)."""
+    from castlens.steering import generate
+
+    prompt = list(range(20, 40))
+    v = torch.randn(4, 64, generator=torch.Generator().manual_seed(3)) * 3
+    new = generate(tiny, prompt, 8, v, 1, 2.0, positions)
+    where = torch.tensor([len(prompt) - 1]) if positions == "last" else "all"
+    with torch.no_grad(), steering(tiny, v, 1, 2.0, positions=where):
+        logits = tiny(torch.tensor([prompt + new[:-1]]), return_type="logits")[0]
+    assert logits[len(prompt) - 1:].argmax(-1).tolist() == new
+    assert new != generate(tiny, prompt, 8)  # the vector did change the output
+    assert all(not hp._forward_hooks for hp in tiny.hook_dict.values())
+
+
+def test_generation_last_differs_from_steering_every_new_token(tiny):
+    from castlens.steering import generate
+
+    prompt = list(range(50, 70))
+    v = torch.randn(4, 64, generator=torch.Generator().manual_seed(4)) * 3
+    assert generate(tiny, prompt, 6, v, 2, 3.0, "last") != generate(tiny, prompt, 6, v, 2, 3.0, "all")
