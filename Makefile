@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench figures clean
+.PHONY: setup demo test test-fast bench figures transfer-figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ BUILTIN := uppercase,first_item,last_item,next_number,add,reverse_word,plural,an
 figures: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || true
 	$(VENV)/bin/castlens analyze --tasks $(CAST_TASKS),$(BUILTIN) --n 24 --shots 4 --out figures/parallel_directions
+
+# Cross-task transfer (CAST against its baselines) on SmolLM2: the 8 CAST sources -> the 5 CAST targets on their
+# full test sets, and English sources -> non-English targets. Each resumes if interrupted.
+CAST_SOURCES := ag_news,arc_easy,boolq,commonsense_qa,mnli,qqp,race,sst2
+CAST_TARGETS := arc_challenge,financial_phrasebank,medmcqa,sciq,social_i_qa
+TRANSFER := $(VENV)/bin/castlens transfer --n 64 --shots 4 --dev 64 --batch-size 32
+transfer-figures: $(STAMP)
+	$(TRANSFER) --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --out figures/transfer_cross_domain
+	$(TRANSFER) --sources mnli,xnli_en,pawsx_en,sst2 --targets xnli_zh,xnli_fr,xnli_de,pawsx_zh,pawsx_de,marc_zh,eprstmt_zh --out figures/transfer_cross_lingual
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,7 +1,8 @@
 """castlens: an interpretability workbench for in-context-learning steering vectors on TransformerLens.
 
 Data flows one way: models and tasks/prompts -> activations -> vectors -> geometry or steering -> evaluation ->
-plots. Importing castlens is cheap: torch and transformer_lens load only when a function that needs them is used.
+plots; ``reuse`` (shared prefixes, last-token sweeps) serves activations and evaluation, ``transfer`` runs the
+CAST comparison and ``selection`` chooses source samples. Importing castlens is cheap: torch and transformer_lens load only when a function that needs them is used.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ _EXPORTS = {
     "last_token_resid": "castlens.activations", "tokenize": "castlens.activations",
     "SteeringVector": "castlens.vectors", "compute_vectors": "castlens.vectors",
     "save_vectors": "castlens.vectors", "load_vectors": "castlens.vectors", "VectorFileError": "castlens.vectors",
+    "default_format": "castlens.prompts", "model_name": "castlens.models",
+    "option_logprobs": "castlens.evaluation", "generate": "castlens.steering",
+    "prefix_option_logprobs": "castlens.reuse", "prefix_last_token_resid": "castlens.reuse",
+    "TransferConfig": "castlens.transfer", "run_transfer": "castlens.transfer",
 }
 
 

@@ -3,6 +3,7 @@
     castlens tasks                                   list the built-in and collection tasks
     castlens vectors --model M --tasks a,b --n N --shots K --out FILE
     castlens analyze --model M --tasks a,b,c --n N --shots K --out DIR   parallel-direction analysis
+    castlens transfer --model M --sources a,b --targets x,y --n N --shots K --out DIR   CAST vs baselines
     castlens demo --out DIR                          the main job on the embedded default model
 """
 
@@ -110,13 +111,66 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_SOURCES = ("uppercase", "first_item", "next_number")
+DEMO_TARGETS = ("last_item", "plural", "antonym")
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     tasks = list(BUILTIN_TASKS)
     print(f"castlens demo: {a.model}, built-in tasks {', '.join(tasks)}; {a.n} queries x {a.shots} shots each, "
           "with length-matched and shuffled-label controls")
     _analyze(a.model, tasks, a.n, a.shots, a.seed, Path(a.out), False if a.no_png else None, 500, None)
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s; open {Path(a.out) / 'cosine_by_layer.html'}")
+    print(f"\ncastlens demo: transfer from {', '.join(DEMO_SOURCES)} to {', '.join(DEMO_TARGETS)} "
+          f"({a.n} source samples, {a.shots} shots)")
+    _transfer(a.model, DEMO_SOURCES, DEMO_TARGETS, a.n, a.shots, Path(a.out) / "transfer", dev=24,
+              png=False if a.no_png else None, n_boot=500)
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s; open {Path(a.out) / 'cosine_by_layer.html'} and "
+          f"{Path(a.out) / 'transfer' / 'results.md'}")
+    return 0
+
+
+def _numbers(kind: type):
+    """An argparse type: comma-separated numbers of ``kind`` (int or float)."""
+    def parse(s: str) -> tuple:
+        try:
+            vals = tuple(kind(x) for x in s.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {s!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError("no numbers given")
+        return vals
+    return parse
+
+
+def _transfer(model_name_: str, sources, targets, n, shots, out: Path, dev=64, limit=None, layers=None,
+              strengths=(0.5, 1.0, 2.0, 4.0), select="random", seed=0, batch_size=16, png=None, n_boot=1000,
+              data_dir=None):
+    from castlens.models import load_model, model_name
+    from castlens.transfer import TransferConfig, run_transfer
+
+    for name in [*sources, *targets]:  # a bad task name fails before the model loads
+        load_task(name, data_dir)
+    model = load_model(model_name_)
+    cfg = TransferConfig(model=model_name(model), sources=tuple(sources), targets=tuple(targets), n=n, shots=shots,
+                         dev=dev, limit=limit, layers=None if layers is None else tuple(layers),
+                         strengths=tuple(strengths), select=select, seed=seed, n_boot=n_boot)
+    t0 = time.perf_counter()
+    rows = run_transfer(model, cfg, out, batch_size=batch_size, png=png)
+    print(f"transfer finished in {time.perf_counter() - t0:.0f}s; table: {out / 'results.md'}")
+    for r in rows:
+        if r["target"].startswith("mean"):
+            d = r.get("delta_zero")
+            print(f"  {r['method']:<15} mean accuracy {100 * r['accuracy']:5.1f}% "
+                  f"[{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}]"
+                  + ("" if d is None else f"   vs zero-shot {100 * d:+.1f} pts"
+                     f"{' (inside the noise)' if r['delta_zero_noise'] else ''}"))
+    return rows
+
+
+def cmd_transfer(a: argparse.Namespace) -> int:
+    _transfer(a.model, a.sources, a.targets, a.n, a.shots, Path(a.out), a.dev, a.limit, a.layers, a.strengths,
+              a.select, a.seed, a.batch_size, False if a.no_png else None, a.n_boot, a.data_dir)
     return 0
 
 
@@ -163,6 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws")
     an.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
     an.set_defaults(func=cmd_analyze)
+
+    tr = sub.add_parser("transfer", help="CAST steering against zero-shot, in-task and cross-task ICL on targets")
+    common(tr)
+    tr.add_argument("--sources", type=_task_list, required=True, help="comma-separated source tasks")
+    tr.add_argument("--targets", type=_task_list, required=True, help="comma-separated target tasks")
+    tr.add_argument("--n", type=int, default=32, help="source samples behind every vector")
+    tr.add_argument("--shots", type=int, default=4, help="demonstrations per ICL prompt")
+    tr.add_argument("--dev", type=int, default=64, help="dev items per target, from its train split")
+    tr.add_argument("--limit", type=int, default=None, help="test items per target (default: all)")
+    tr.add_argument("--layers", type=_numbers(int), default=None, help="layers to sweep (default every n_layers/10-th)")
+    tr.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0), help="strengths to sweep")
+    tr.add_argument("--select", default="random", help="source-sample selection method")
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws")
+    tr.add_argument("--out", required=True, help="output folder (an interrupted run resumes in it)")
+    tr.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
+    tr.set_defaults(func=cmd_transfer)
 
     d = sub.add_parser("demo", help="the analysis on the built-in tasks with small settings")
     common(d)

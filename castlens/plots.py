@@ -357,6 +357,62 @@ def accuracy_sweep(
     return _finish(fig, title, caption, xaxis_title, yaxis_title)
 
 
+def cost_accuracy(
+    methods: Sequence[str],
+    tokens: Sequence[float],
+    accuracy: Sequence[float],
+    lo: Sequence[float],
+    hi: Sequence[float],
+    title: str = "Accuracy against prompt length",
+    caption: str = "",
+) -> go.Figure:
+    """One labelled point per method: prompt tokens per query (x) against accuracy (y) with CI error bars."""
+    x, y = _arr(tokens, "tokens", 1), _arr(accuracy, "accuracy", 1)
+    lo_, hi_ = _arr(lo, "lo", 1), _arr(hi, "hi", 1)
+    for arr, name in ((x, "tokens"), (lo_, "lo"), (hi_, "hi")):
+        _check_len(arr, len(y), name)
+    if len(methods) != len(y):
+        raise ValueError(f"methods: expected {len(y)} names, got {len(methods)}")
+    fig = go.Figure()
+    for i, (m, color) in enumerate(zip(methods, _colors(len(methods)))):
+        fig.add_trace(go.Scatter(x=[x[i]], y=[y[i]], mode="markers+text", name=str(m), text=[str(m)],
+                                 textposition="top center", marker=dict(size=10, color=color),
+                                 error_y=dict(type="data", symmetric=False, array=[hi_[i] - y[i]],
+                                              arrayminus=[y[i] - lo_[i]])))
+    return _finish(fig, title, caption, "prompt tokens per query", "accuracy")
+
+
+def method_bars(
+    groups: Sequence[str],
+    values: Mapping[str, Sequence[float]],
+    intervals: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+    chance: Sequence[float] | None = None,
+    title: str = "Accuracy by group and method",
+    caption: str = "",
+    yaxis_title: str = "accuracy",
+) -> go.Figure:
+    """Grouped bars: one group per entry of ``groups`` (e.g. target tasks), one bar per method, optional
+    (lo, hi) error bars and a dashed chance mark per group. NaN values (a method not run) are left out."""
+    if not values:
+        raise ValueError("values: expected at least one method {name: [value per group]}, got none")
+    fig = go.Figure()
+    for (m, vals), color in zip(values.items(), _colors(len(values))):
+        y = _arr(vals, f"values[{m!r}]", 1)
+        _check_len(y, len(groups), f"values[{m!r}]")
+        err = None
+        if intervals and m in intervals:
+            iv = np.asarray(intervals[m], dtype=float).reshape(len(groups), 2)
+            err = dict(type="data", symmetric=False, array=iv[:, 1] - y, arrayminus=y - iv[:, 0])
+        fig.add_trace(go.Bar(x=list(groups), y=y, name=str(m), marker_color=color, error_y=err))
+    if chance is not None:
+        c = _arr(chance, "chance", 1)
+        _check_len(c, len(groups), "chance")
+        fig.add_trace(go.Scatter(x=list(groups), y=c, mode="markers", name="chance",
+                                 marker=dict(symbol="line-ew-open", size=40, color="#444", line=dict(width=2))))
+    fig.update_layout(barmode="group")
+    return _finish(fig, title, caption, "", yaxis_title, width=1000)
+
+
 # ----------------------------------------------------------------------------- saving
 
 

@@ -273,3 +273,23 @@ def test_successful_write_replaces_old_files_without_temp_leftovers(tmp_path: Pa
     assert [p.name for p in paths] == ["fig.html", "fig.png"]
     assert (tmp_path / "fig.png").read_bytes() == PNG_MAGIC + b"new"
     assert sorted(os.listdir(tmp_path)) == ["fig.html", "fig.png"]
+
+
+def test_cost_accuracy_points_and_error_bars():
+    fig = P.cost_accuracy(["zero", "icl"], [50, 400], [0.3, 0.6], [0.25, 0.5], [0.35, 0.7], caption="c")
+    assert [t.name for t in fig.data] == ["zero", "icl"]
+    icl = fig.data[1]
+    assert list(icl.x) == [400] and list(icl.y) == [0.6]
+    assert icl.error_y.array[0] == pytest.approx(0.1) and icl.error_y.arrayminus[0] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="tokens"):
+        P.cost_accuracy(["a"], [1, 2], [0.5], [0.4], [0.6])
+
+
+def test_method_bars_groups_intervals_and_chance():
+    fig = P.method_bars(["t1", "t2"], {"a": [0.5, 0.7], "b": [0.4, float("nan")]},
+                            {"a": [(0.4, 0.6), (0.6, 0.9)]}, chance=[0.25, 0.33])
+    a, b, chance = fig.data
+    assert list(a.y) == [0.5, 0.7] and a.error_y.array[1] == pytest.approx(0.2)
+    assert b.error_y.array is None and list(chance.y) == [0.25, 0.33]
+    with pytest.raises(ValueError, match="values"):
+        P.method_bars(["t1"], {"a": [0.1, 0.2]})

@@ -1,0 +1,136 @@
+"""castlens.transfer on the tiny model: outputs, statistics, the dev/test separation and resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from castlens import transfer as tr
+from castlens.prompts import default_format
+from castlens.tasks import load_task
+
+CFG = dict(model="tiny-llama", sources=("uppercase", "first_item"), targets=("last_item", "plural"), n=6, shots=2,
+           dev=6, limit=8, layers=(1, 2), strengths=(1.0, 4.0), n_boot=200)
+
+
+def test_options_classification_and_generation():
+    fpb = load_task("financial_phrasebank")
+    ex = fpb.test[0]
+    opts, gold = tr.options_for(fpb, ex, default_format(fpb))
+    assert opts == list(fpb.labels) and opts[gold] == ex.output
+    plural = load_task("plural")
+    for ex in plural.test[:10]:
+        opts, gold = tr.options_for(plural, ex, default_format(plural), n_candidates=4, seed=1)
+        assert len(set(opts)) == 4 and opts[gold] == ex.output
+        assert (opts, gold) == tr.options_for(plural, ex, default_format(plural), n_candidates=4, seed=1)
+
+
+def test_dev_split_comes_from_train_and_is_disjoint_from_the_demo_pool():
+    t = load_task("sciq")
+    dev, pool = tr._split_dev(t, 64, 4, seed=0)
+    train = {e.input for e in t.train}
+    assert len(dev) == 64 and {e.input for e in dev} <= train and {e.input for e in pool} <= train
+    assert not {e.input for e in dev} & {e.input for e in pool}
+    assert not {e.input for e in dev + pool} & {e.input for e in t.test}
+    assert tr._split_dev(load_task("medmcqa"), 64, 4, 0) == ([], [])
+
+
+def test_summarize_against_a_manual_bootstrap():
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 3, 40).tolist()
+    zero = rng.integers(0, 3, 40).tolist()
+    better = list(gold)  # always right
+    methods = {"zero_shot": zero, "icl_cross_task": zero, "cast_mean_diff": better}
+    part = {"target": "t", "n_test": 40, "gold": gold, "chance": 1 / 3, "majority": 0.5,
+            "methods": {m: {"pred": p, "correct": [int(a == b) for a, b in zip(p, gold)], "prompt_tokens": 10.0,
+                            "seconds": 1.0, "setting": None} for m, p in methods.items()}}
+    rows = tr.summarize([part], n_boot=500, seed=0)
+    by = {(r["target"], r["method"]): r for r in rows}
+    acc = np.mean(np.asarray(zero) == np.asarray(gold))
+    idx = np.random.default_rng(0).integers(0, 40, size=(500, 40))
+    c = (np.asarray(zero) == np.asarray(gold)).astype(float)
+    lo, hi = np.percentile(c[idx].mean(1), [2.5, 97.5])
+    r = by[("t", "zero_shot")]
+    assert r["accuracy"] == pytest.approx(acc) and (r["ci_lo"], r["ci_hi"]) == pytest.approx((lo, hi))
+    cast = by[("t", "cast_mean_diff")]
+    assert cast["accuracy"] == 1.0 and cast["delta_zero"] == pytest.approx(1 - acc)
+    assert not cast["delta_zero_noise"] and cast["delta_zero_lo"] > 0
+    assert by[("t", "icl_cross_task")]["delta_zero_noise"]  # identical predictions: an interval around 0
+    assert by[("mean", "cast_mean_diff")]["accuracy"] == 1.0
+
+
+def _run(tmp_path, tiny, name, **kw):
+    cfg = tr.TransferConfig(**{**CFG, **kw})
+    rows = tr.run_transfer(tiny, cfg, tmp_path / name, png=False, log=lambda *a: None)
+    return cfg, rows, tmp_path / name
+
+
+def test_run_outputs_and_dev_chosen_settings(tmp_path, tiny):
+    cfg, rows, out = _run(tmp_path, tiny, "a")
+    for f in ("results.csv", "results.md", "costs.csv", "config.json", "sources.json", "vectors.safetensors",
+              "sweep_last_item.html", "cost_accuracy.html", "accuracy_by_target.html"):
+        assert (out / f).exists(), f
+    part = json.loads((out / "parts" / "plural.json").read_text())
+    assert set(part["methods"]) == set(tr.METHODS) and part["n_test"] == 8 and part["n_dev"] == 6
+    for c in tr.CONSTRUCTIONS:  # the test setting is the dev argmax of its construction
+        best = max(r["dev_accuracy"] for r in part["sweep"] if r["construction"] == c)
+        assert part["chosen"][c]["dev_accuracy"] == best
+        assert (part["chosen"][c]["layer"], part["chosen"][c]["strength"]) == \
+            (part["methods"][c]["setting"]["layer"], part["methods"][c]["setting"]["strength"])
+    n_sweep = 1 + 3 * 2 * 2 + 2  # unsteered + 3 additive constructions x layers x strengths + task vector x layers
+    assert len(part["sweep"]) == n_sweep
+    # steering leaves the prompt length alone; ICL pays for its demonstrations
+    m = part["methods"]
+    assert m["cast_mean_diff"]["prompt_tokens"] == m["zero_shot"]["prompt_tokens"] < m["icl_cross_task"]["prompt_tokens"]
+    assert len(rows) == 7 * 3
+
+
+def test_resume_after_interruption_gives_the_same_results(tmp_path, tiny, monkeypatch):
+    _, _, full = _run(tmp_path, tiny, "full")
+    real, calls = tr.run_target, []
+
+    def dies_on_second(*a, **kw):
+        calls.append(a[2].name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tr, "run_target", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny, "resumed")
+    out = tmp_path / "resumed"
+    assert (out / "parts" / "last_item.json").exists() and not (out / "parts" / "plural.json").exists()
+    assert not (out / "results.csv").exists() and not list(out.rglob("*.tmp"))
+    first = (out / "parts" / "last_item.json").read_bytes()
+    monkeypatch.setattr(tr, "run_target", real)
+    _run(tmp_path, tiny, "resumed")
+    assert (out / "parts" / "last_item.json").read_bytes() == first  # a finished part is never rewritten
+    assert (out / "results.csv").read_text() == (full / "results.csv").read_text()
+
+
+def test_refuses_to_resume_with_a_different_config(tmp_path, tiny):
+    _run(tmp_path, tiny, "a")
+    with pytest.raises(ValueError, match="different config"):
+        _run(tmp_path, tiny, "a", shots=3)
+
+
+def test_test_only_target_borrows_settings_from_the_other_targets(tmp_path, tiny):
+    _, rows, out = _run(tmp_path, tiny, "b", targets=("plural", "medmcqa"), limit=6)
+    part = json.loads((out / "parts" / "medmcqa.json").read_text())
+    assert part["sweep"] == [] and "icl_in_task" not in part["methods"]
+    assert all(part["chosen"][c]["borrowed_from"] == ["plural"] for c in tr.CONSTRUCTIONS)
+    assert any(r["target"] == "mean (1 of 2)" and r["method"] == "icl_in_task" for r in rows)
+    with pytest.raises(ValueError, match="no train split"):
+        _run(tmp_path, tiny, "c", targets=("medmcqa",), limit=6)
+
+
+def test_cli_transfer_bad_input_is_one_line(tmp_path, capsys):
+    from castlens.cli import main
+
+    assert main(["transfer", "--model", "tiny-llama", "--sources", "plural", "--targets", "nope",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]
+    assert main(["transfer", "--model", "tiny-llama", "--sources", "plural", "--targets", "plural",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "both source and target" in capsys.readouterr().err
