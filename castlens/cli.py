@@ -26,7 +26,7 @@ def _task_list(s: str) -> list[str]:
 
 
 def _vectors_resumable(model, tasks: list[str], n: int, shots: int, seed: int, out: Path, chat: bool,
-                       batch_size: int, data_dir: str | None):
+                       batch_size: int, data_dir: str | None, truncate_demos: bool = False):
     """Compute one vector per task, keeping each finished task in ``<out>.parts/`` so a killed run resumes."""
     from castlens.models import model_name
     from castlens.vectors import VectorFileError, load_vectors, save_vectors, task_vector
@@ -46,6 +46,7 @@ def _vectors_resumable(model, tasks: list[str], n: int, shots: int, seed: int, o
             pass
         t0 = time.perf_counter()
         v = task_vector(model, name, n, shots, seed=seed, chat=chat, batch_size=batch_size, data_dir=data_dir,
+                        truncate_demos=truncate_demos,
                         progress=True)
         save_vectors(part, v)
         print(f"[{i}/{len(tasks)}] {name}: {n} pairs in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -62,7 +63,7 @@ def cmd_vectors(a: argparse.Namespace) -> int:
     model = load_model(a.model, device=a.device, dtype=a.dtype)
     out = Path(a.out)
     vectors, parts = _vectors_resumable(model, a.tasks, a.n, a.shots, a.seed, out, a.chat, a.batch_size,
-                                        a.data_dir)
+                                        a.data_dir, a.truncate_demos)
     path = save_vectors(out, vectors)
     shutil.rmtree(parts, ignore_errors=True)
     print(f"wrote {len(vectors)} vectors [{model.cfg.n_layers} layers x {model.cfg.d_model}] to {path} "
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="output file (.safetensors; a .json is written beside it)")
     v.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--truncate-demos", action="store_true", help="drop the earliest demonstrations of a prompt "
+                   "longer than the model's context (default: refuse with an error)")
     v.add_argument("--device", default=None)
     v.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     v.set_defaults(func=cmd_vectors)
@@ -256,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskError, ValueError) as err:  # bad input: one clear line, no traceback
         print(f"castlens {args.cmd}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only folder, a full disk: finished files stay as they were
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"castlens {args.cmd}: error: cannot read or write{where}: {err.strerror or err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

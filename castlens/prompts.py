@@ -73,6 +73,20 @@ def cross_task_prompt(query: Example, demos: list[Example], source_fmt: PromptFo
                               target_fmt.instruction, target_fmt.render(query, False)])
 
 
+def fit_demonstrations(query: Example, demos: list[Example], fmt: PromptFormat, n_tokens, limit: int
+                       ) -> tuple[str, list[Example]]:
+    """The few-shot prompt with as many of the *last* demonstrations as fit in ``limit`` tokens: left truncation,
+    the earliest demonstrations are dropped first; instruction and query are never cut. ``n_tokens(str) -> int``
+    counts tokens (this module knows no model). Returns the prompt and the demonstrations kept; raises TaskError
+    when even the zero-shot prompt is too long."""
+    for k in range(len(demos), -1, -1):
+        kept = demos[len(demos) - k:]
+        prompt = few_shot_prompt(query, kept, fmt)
+        if n_tokens(prompt) <= limit:
+            return prompt, kept
+    raise TaskError(f"query {query.input[:60]!r}...: the zero-shot prompt alone is longer than {limit} tokens")
+
+
 def sample_demos(pool: list[Example], k: int, rng: random.Random, exclude: Example | None = None,
                  task: str = "?") -> list[Example]:
     """``k`` distinct demonstrations from ``pool``; never one whose input equals ``exclude``'s input."""

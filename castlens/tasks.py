@@ -137,6 +137,8 @@ def task_from_dict(d: object, origin: str = "dict") -> Task:
         splits[split] = [_example(name, split, i, raw, labels) for i, raw in enumerate(d[split])]
     if not splits["train"] and not splits["test"]:
         raise TaskError(f"task {name!r}: both splits are empty")
+    if d.get("instruction") is not None and not isinstance(d["instruction"], str):
+        raise TaskError(f"task {name!r}: 'instruction' must be a string")
     return Task(name=name, kind=d["kind"], labels=labels, language=str(d.get("language", "en")),
                 description=str(d.get("description", "")), instruction=d.get("instruction"), source=origin,
                 **splits)

@@ -411,6 +411,8 @@ def run_transfer(model, cfg: TransferConfig, out: str | Path, batch_size: int = 
     overlap = set(cfg.sources) & set(cfg.targets)
     if overlap:
         raise TaskError(f"tasks {sorted(overlap)} are both source and target")
+    for stale in [*out.glob(".*.tmp"), *out.glob("parts/.*.tmp")]:  # left by a killed run; never a result
+        stale.unlink()
     conf = out / "config.json"
     if conf.exists():
         old = json.loads(conf.read_text())

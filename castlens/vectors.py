@@ -116,11 +116,30 @@ def contrastive_activations(model, pairs: Sequence[PromptPair], layers: Sequence
 
 def task_vector(model, task: Task | str, n: int, shots: int, seed: int = 0, fmt: PromptFormat | None = None,
                 chat: bool = False, batch_size: int = 16, keep_samples: bool = True,
-                progress: bool | None = None, data_dir: str | None = None) -> SteeringVector:
-    """The CAST mean-difference vector of ``task`` from ``n`` queries with ``shots`` demonstrations each."""
+                progress: bool | None = None, data_dir: str | None = None, truncate_demos: bool = False
+                ) -> SteeringVector:
+    """The CAST mean-difference vector of ``task`` from ``n`` queries with ``shots`` demonstrations each.
+
+    A few-shot prompt longer than the model's context is an error (:class:`PromptTooLongError`) unless
+    ``truncate_demos``: then its earliest demonstrations are dropped until it fits (the prompt records keep the
+    demonstrations actually used)."""
     task = load_task(task, data_dir) if isinstance(task, str) else task
     fmt = fmt or default_format(task)
     pairs = contrastive_pairs(task, n, shots, seed=seed, fmt=fmt)
+    if truncate_demos:
+        from dataclasses import replace
+
+        from castlens.models import context_length
+        from castlens.prompts import fit_demonstrations
+
+        limit, count = context_length(model), (lambda s: len(tokenize(model, [s], chat)[0]))
+        fitted = []
+        for p in pairs:
+            if count(p.few) > limit:
+                few, kept = fit_demonstrations(Example(p.query, ""), list(p.demos), fmt, count, limit)
+                p = replace(p, few=few, demos=tuple(kept))
+            fitted.append(p)
+        pairs = fitted
     ids = tokenize(model, [p.zero for p in pairs] + [p.few for p in pairs], chat)
     zero, few = contrastive_activations(model, pairs, batch_size=batch_size, progress=progress, ids=ids)
     diffs = few - zero
