@@ -24,3 +24,65 @@ def test_selection_bad_input():
         select("magic", [load_task("plural")], 3)
     with pytest.raises(ValueError, match="asked for"):
         select("random", [load_task("plural")], 31)
+
+
+def _clusters(seed=0, per=120, d=32, n_clusters=5):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, d)) * 3
+    x = np.concatenate([c + rng.normal(size=(per, d)) for c in centres])
+    labels = np.repeat(np.arange(n_clusters), per)
+    targets = centres[0] + rng.normal(size=(20, d))  # the target task sits in cluster 0
+    return x, labels, targets
+
+
+@pytest.mark.parametrize("method", ["cast", "diversity"])
+def test_diverse_selection_covers_every_planted_cluster(method):
+    from castlens.selection import select_indices
+
+    x, labels, targets = _clusters()
+    chosen = select_indices(method, x, targets, 10, seed=1, lam=1.0)
+    assert set(labels[chosen]) == {0, 1, 2, 3, 4}
+    assert len(set(chosen)) == 10
+
+
+def test_relevance_only_picks_from_the_nearest_cluster_and_cast_starts_there():
+    from castlens.selection import select_indices
+
+    x, labels, targets = _clusters()
+    assert set(labels[select_indices("relevance", x, targets, 10)]) == {0}
+    assert labels[select_indices("cast", x, targets, 1)[0]] == 0  # influence first: the target's cluster
+
+
+def test_selection_is_deterministic_for_a_seed_and_checks_input():
+    import numpy as np
+
+    from castlens.selection import select_indices
+
+    x, _, targets = _clusters()
+    for m in ("random", "diversity", "cast", "relevance"):
+        assert select_indices(m, x, targets, 7, seed=3) == select_indices(m, x, targets, 7, seed=3)
+    assert select_indices("random", x, targets, 7, seed=3) != select_indices("random", x, targets, 7, seed=4)
+    with pytest.raises(ValueError, match="cannot choose"):
+        select_indices("cast", x, targets, len(x) + 1)
+    with pytest.raises(ValueError, match="NaN"):
+        select_indices("cast", np.full((5, 3), np.nan), targets[:, :3], 2)
+    with pytest.raises(ValueError, match="needs target"):
+        select_indices("cast", x, None, 2)
+
+
+def test_influence_counts_knn_in_degree_like_a_manual_computation():
+    import numpy as np
+
+    from castlens.selection import influence
+
+    x, _, targets = _clusters(per=30)
+    inf = influence(x, targets, k=5)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = xn @ xn.T
+    np.fill_diagonal(sim, -np.inf)
+    nn = np.argsort(-sim, axis=1)[:, :5]
+    assert np.allclose(inf["rep"], np.bincount(nn.ravel(), minlength=len(x)) / 5)
+    tn = targets / np.linalg.norm(targets, axis=1, keepdims=True)
+    assert np.allclose(inf["rel"], np.sort(xn @ tn.T, axis=1)[:, -5:].mean(1), atol=1e-5)
