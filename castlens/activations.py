@@ -129,3 +129,36 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
             except StopForward:
                 pass
     return out
+
+
+def mean_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layer: int, batch_size: int = 16,
+               progress: bool | None = None) -> Float[Tensor, "prompt d_model"]:
+    """The mean over each prompt's real tokens of ``blocks.{layer}.hook_resid_post``: a sentence embedding from
+    the model itself (the default embedding of :mod:`castlens.selection`). Stops after ``layer``."""
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(f"layer {layer} out of range for a model with {model.cfg.n_layers} layers")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    seqs = tokenize(model, prompts) if isinstance(prompts[0], str) else [list(p) for p in prompts]
+    check_lengths(model, seqs)
+    pad_id = tokenizer_of(model).pad_token_id
+    out = torch.empty(len(seqs), model.cfg.d_model, dtype=torch.float32)
+    device = next(model.parameters()).device
+    state: dict = {}
+
+    def hook(x: Tensor, hook) -> None:
+        m = state["mask"].to(x.device, x.dtype)[..., None]
+        out[state["rows"]] = ((x * m).sum(1) / m.sum(1)).float().cpu()
+        raise StopForward
+
+    batches = length_sorted_batches(seqs, batch_size)
+    with torch.inference_mode(), residual_stream_only(model), model.hooks(fwd_hooks=[(HOOK.format(layer=layer), hook)]):
+        for rows in tqdm(batches, desc="embeddings", leave=False,
+                         disable=not (progress if progress is not None else len(batches) > 4)):
+            ids, mask, _ = pad_batch([seqs[r] for r in rows], 0 if pad_id is None else pad_id, "right")
+            state["rows"], state["mask"] = torch.tensor(rows), mask
+            try:
+                model(ids.to(device), attention_mask=mask.to(device), return_type=None)
+            except StopForward:
+                pass
+    return out

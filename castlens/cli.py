@@ -146,7 +146,7 @@ def _numbers(kind: type):
 
 def _transfer(model_name_: str, sources, targets, n, shots, out: Path, dev=64, limit=None, layers=None,
               strengths=(0.5, 1.0, 2.0, 4.0), select="random", seed=0, batch_size=16, png=None, n_boot=1000,
-              data_dir=None):
+              data_dir=None, pool=200):
     from castlens.models import load_model, model_name
     from castlens.transfer import TransferConfig, run_transfer
 
@@ -155,7 +155,7 @@ def _transfer(model_name_: str, sources, targets, n, shots, out: Path, dev=64, l
     model = load_model(model_name_)
     cfg = TransferConfig(model=model_name(model), sources=tuple(sources), targets=tuple(targets), n=n, shots=shots,
                          dev=dev, limit=limit, layers=None if layers is None else tuple(layers),
-                         strengths=tuple(strengths), select=select, seed=seed, n_boot=n_boot)
+                         strengths=tuple(strengths), select=select, seed=seed, n_boot=n_boot, pool=pool)
     t0 = time.perf_counter()
     rows = run_transfer(model, cfg, out, batch_size=batch_size, png=png)
     print(f"transfer finished in {time.perf_counter() - t0:.0f}s; table: {out / 'results.md'}")
@@ -171,7 +171,7 @@ def _transfer(model_name_: str, sources, targets, n, shots, out: Path, dev=64, l
 
 def cmd_transfer(a: argparse.Namespace) -> int:
     _transfer(a.model, a.sources, a.targets, a.n, a.shots, Path(a.out), a.dev, a.limit, a.layers, a.strengths,
-              a.select, a.seed, a.batch_size, False if a.no_png else None, a.n_boot, a.data_dir)
+              a.select, a.seed, a.batch_size, False if a.no_png else None, a.n_boot, a.data_dir, a.pool)
     return 0
 
 
@@ -231,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--limit", type=int, default=None, help="test items per target (default: all)")
     tr.add_argument("--layers", type=_numbers(int), default=None, help="layers to sweep (default every n_layers/10-th)")
     tr.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0), help="strengths to sweep")
-    tr.add_argument("--select", default="random", help="source-sample selection method")
+    tr.add_argument("--select", default="random", choices=["random", "cast", "relevance", "diversity"],
+                    help="source-sample selection: random (shared by all targets) or a graph search per target")
+    tr.add_argument("--pool", type=int, default=200, help="candidates per source task for graph selection")
     tr.add_argument("--batch-size", type=int, default=16)
     tr.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws")
     tr.add_argument("--out", required=True, help="output folder (an interrupted run resumes in it)")

@@ -15,8 +15,11 @@ CAST (arXiv 2507.13236, Sec. 3) and the baselines it is compared with, on each t
 ``random_vector``   zero-shot prompt plus a Gaussian vector with the mean difference's norm per layer (control)
 ==================  ==========================================================================================
 
-All vectors come from the same ``n`` source samples (:mod:`castlens.selection`; ``random`` until the graph search
-lands). Each sample's few-shot prompt uses its source task's fixed ``shots`` demonstrations.
+All vectors come from the same ``n`` source samples (:mod:`castlens.selection`). ``random`` draws them once for
+all targets; the graph-based methods (``cast``, ``relevance``, ``diversity``) choose them per target from ``pool``
+candidates per source, embedded (like the target's dev queries, or its unlabelled test inputs when it has no
+train split) as the model's mean-pooled residual stream at the middle layer. Each sample's few-shot prompt uses
+its source task's fixed ``shots`` demonstrations.
 
 Hyper-parameters are never chosen on test items. Each target's train split gives a *dev* split (``dev`` items);
 the in-task demonstrations come from the rest of train. Every construction is swept over layers x strengths on
@@ -75,7 +78,8 @@ class TransferConfig:
     limit: int | None = None          # test items per target (None: the whole test split)
     layers: tuple[int, ...] | None = None
     strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    select: str = "random"
+    select: str = "random"            # castlens.selection.SELECTION_METHODS
+    pool: int = 200                   # candidates per source task for the graph-based selection methods
     n_candidates: int = 4             # answer candidates for generation targets
     seed: int = 0
     n_boot: int = 1000
@@ -119,18 +123,37 @@ def options_for(task: Task, ex: Example, fmt: PromptFormat, n_candidates: int = 
 
 
 # ---------------------------------------------------------------- vectors from the source samples
+def _source_demos(sources: Sequence[Task], shots: int, seed: int) -> dict[str, list[Example]]:
+    return {t.name: sample_demos(t.split("train"), shots, random.Random(f"{seed}:demos:{t.name}"), task=t.name)
+            for t in sources}
+
+
+def candidate_pool(sources: Sequence[Task], shots: int, seed: int, per_source: int) -> list[tuple[str, Example]]:
+    """Up to ``per_source`` candidates per source (seeded order; never one of that source's demonstrations)."""
+    demos = _source_demos(sources, shots, seed)
+    out = []
+    for t in sources:
+        banned = {d.input for d in demos[t.name]}
+        pool = [e for e in t.split("train") if e.input not in banned]
+        random.Random(f"{seed}:pool:{t.name}").shuffle(pool)
+        out += [(t.name, e) for e in pool[:per_source]]
+    return out
+
+
 def source_vectors(model, sources: Sequence[Task], n: int, shots: int, seed: int = 0, method: str = "random",
-                   batch_size: int = 16, progress: bool | None = None) -> tuple[dict[str, SteeringVector], dict]:
+                   batch_size: int = 16, progress: bool | None = None,
+                   samples: list[tuple[str, Example]] | None = None) -> tuple[dict[str, SteeringVector], dict]:
     """The four constructions from the same ``n`` selected source samples, and a record of the samples and cost.
 
     Each source task gets one fixed set of ``shots`` demonstrations; a sample's few-shot prompt is that task's
     instruction + demonstrations + the sample's query, its zero-shot prompt the instruction + query, so the
-    few-shot half shares one prefix per source (run once, :mod:`castlens.reuse`)."""
+    few-shot half shares one prefix per source (run once, :mod:`castlens.reuse`). ``samples``: use these source
+    samples instead of drawing ``n`` at random."""
     t0 = time.perf_counter()
     fmts = {t.name: default_format(t) for t in sources}
-    demos = {t.name: sample_demos(t.split("train"), shots, random.Random(f"{seed}:demos:{t.name}"), task=t.name)
-             for t in sources}
-    chosen = select(method, sources, n, seed=seed, exclude={k: {d.input for d in v} for k, v in demos.items()})
+    demos = _source_demos(sources, shots, seed)
+    chosen = samples if samples is not None else \
+        select(method, sources, n, seed=seed, exclude={k: {d.input for d in v} for k, v in demos.items()})
     few, zero, tv, tokens = [], [], [], 0
     order = []
     for t in sources:
@@ -161,6 +184,7 @@ def source_vectors(model, sources: Sequence[Task], n: int, shots: int, seed: int
                                         **meta),
     }
     record = {"samples": [{"task": name, "input": e.input, "output": e.output} for name, e in order],
+              "selection": method,
               "demos": {k: [d.input for d in v] for k, v in demos.items()},
               "tokens_processed": tokens, "seconds": time.perf_counter() - t0}
     return vecs, record
@@ -415,23 +439,23 @@ def run_transfer(model, cfg: TransferConfig, out: str | Path, batch_size: int = 
         stale.unlink()
     conf = out / "config.json"
     if conf.exists():
-        old = json.loads(conf.read_text())
+        defaults = TransferConfig(model=cfg.model, sources=cfg.sources, targets=cfg.targets).to_dict()
+        old = {**json.loads(json.dumps(defaults)), **json.loads(conf.read_text())}  # keys added since: defaults
         if old != json.loads(json.dumps(cfg.to_dict())):
             diff = {k: (old.get(k), v) for k, v in json.loads(json.dumps(cfg.to_dict())).items() if old.get(k) != v}
             raise ValueError(f"{out} holds a run with a different config ({diff}); use another --out")
     else:
         _write_json(conf, cfg.to_dict())
-    vec_path, rec_path = out / "vectors.safetensors", out / "sources.json"
-    if vec_path.exists() and rec_path.exists():
-        vectors = {k: v for k, v in load_vectors(vec_path, model).items()}
-        record = json.loads(rec_path.read_text())
-        log(f"reusing the source vectors in {vec_path}")
+    from castlens.selection import SELECTION_METHODS
+
+    if cfg.select not in SELECTION_METHODS:
+        raise ValueError(f"unknown selection method {cfg.select!r}; available: {', '.join(SELECTION_METHODS)}")
+    shared = None
+    if cfg.select == "random":
+        shared = _vectors_once(model, cfg, sources, out / "vectors.safetensors", out / "sources.json", None,
+                               batch_size, log)
     else:
-        log(f"vectors from {cfg.n} {cfg.select} samples of {', '.join(cfg.sources)} ({cfg.shots} shots)")
-        vectors, record = source_vectors(model, sources, cfg.n, cfg.shots, cfg.seed, cfg.select, batch_size)
-        save_vectors(vec_path, vectors)
-        _write_json(rec_path, record)
-        log(f"  {record['tokens_processed']} tokens in {record['seconds']:.0f}s")
+        pool, pool_emb = _embedded_pool(model, cfg, sources, out, batch_size, log)
     parts: dict[str, dict] = {}
     ordered = sorted(targets, key=lambda t: not t.train)  # targets with a dev split first
     for i, t in enumerate(ordered, 1):
@@ -442,6 +466,13 @@ def run_transfer(model, cfg: TransferConfig, out: str | Path, batch_size: int = 
             continue
         t0 = time.perf_counter()
         log(f"[{i}/{len(targets)}] {t.name}: {len(t.test[: cfg.limit])} test items")
+        if shared is not None:
+            vectors, record = shared
+        else:
+            vectors, record = _vectors_once(
+                model, cfg, sources, out / "vectors" / f"{t.name}.safetensors",
+                out / "vectors" / f"{t.name}.sources.json",
+                _selected(model, cfg, t, pool, pool_emb, batch_size), batch_size, log)
         part = run_target(model, cfg, t, vectors, record, others=list(parts.values()), batch_size=batch_size,
                           log=log)
         _write_json(path, part)
@@ -451,16 +482,69 @@ def run_transfer(model, cfg: TransferConfig, out: str | Path, batch_size: int = 
         log(f"  done in {time.perf_counter() - t0:.0f}s: zero-shot {100 * z:.1f}%, CAST {100 * c:.1f}%")
     ordered_parts = [parts[t] for t in cfg.targets]
     rows = summarize(ordered_parts, cfg.n_boot, cfg.seed)
-    write_outputs(out, cfg, ordered_parts, rows, record, png, log)
+    records = [json.loads(p.read_text()) for p in sorted((out / "vectors").glob("*.sources.json"))] \
+        if shared is None else [shared[1]]
+    cost = {"tokens_processed": sum(r["tokens_processed"] for r in records if "tokens_processed" in r),
+            "seconds": sum(r["seconds"] for r in records if "seconds" in r)}
+    write_outputs(out, cfg, ordered_parts, rows, cost, png, log)
     return rows
 
 
-def write_outputs(out: Path, cfg: TransferConfig, parts: Sequence[dict], rows: Sequence[dict], record: dict,
+def _vectors_once(model, cfg: TransferConfig, sources, vec_path: Path, rec_path: Path, samples, batch_size, log):
+    """The source vectors and their record, computed once and kept in ``vec_path`` / ``rec_path``."""
+    if vec_path.exists() and rec_path.exists():
+        log(f"reusing the source vectors in {vec_path}")
+        return load_vectors(vec_path, model), json.loads(rec_path.read_text())
+    log(f"vectors from {cfg.n} {cfg.select} samples of {', '.join(cfg.sources)} ({cfg.shots} shots)")
+    vectors, record = source_vectors(model, sources, cfg.n, cfg.shots, cfg.seed, cfg.select, batch_size,
+                                     samples=samples)
+    save_vectors(vec_path, vectors)
+    _write_json(rec_path, record)
+    log(f"  {record['tokens_processed']} tokens in {record['seconds']:.0f}s")
+    return vectors, record
+
+
+def _embed(model, texts: list[str], batch_size: int) -> np.ndarray:
+    from castlens.activations import mean_resid
+
+    return mean_resid(model, [_enc(model, x) for x in texts], model.cfg.n_layers // 2, batch_size).numpy()
+
+
+def _embedded_pool(model, cfg: TransferConfig, sources, out: Path, batch_size: int, log):
+    """The candidate pool and its embeddings, computed once per run (``candidates.safetensors``)."""
+    from safetensors.numpy import load_file, save
+
+    pool = candidate_pool(sources, cfg.shots, cfg.seed, cfg.pool)
+    path = out / "candidates.safetensors"
+    if path.exists():
+        emb = load_file(str(path))["embeddings"]
+        if emb.shape[0] == len(pool):
+            return pool, emb
+    fmts = {t.name: default_format(t) for t in sources}
+    t0 = time.perf_counter()
+    emb = _embed(model, [fmts[name].render(e, False) for name, e in pool], batch_size)
+    _atomic_write(path, save({"embeddings": emb}))
+    log(f"embedded {len(pool)} source candidates in {time.perf_counter() - t0:.0f}s")
+    return pool, emb
+
+
+def _selected(model, cfg: TransferConfig, target: Task, pool, pool_emb, batch_size: int):
+    """The ``cfg.n`` candidates chosen for ``target`` (its dev queries, or unlabelled test inputs if no train)."""
+    from castlens.selection import select_indices
+
+    fmt = default_format(target)
+    dev, _ = _split_dev(target, cfg.dev, cfg.shots, cfg.seed)
+    queries = dev or target.split("test")[:64]
+    t_emb = _embed(model, [fmt.render(e, False) for e in queries], batch_size)
+    return [pool[i] for i in select_indices(cfg.select, pool_emb, t_emb, cfg.n, seed=cfg.seed)]
+
+
+def write_outputs(out: Path, cfg: TransferConfig, parts: Sequence[dict], rows: Sequence[dict], cost: dict,
                   png: bool | None = None, log=print) -> None:
     from castlens import plots
 
-    costs = {"targets": [p["target"] for p in parts], "vector_tokens": record["tokens_processed"],
-             "vector_seconds": record["seconds"],
+    costs = {"targets": [p["target"] for p in parts], "vector_tokens": cost["tokens_processed"],
+             "vector_seconds": cost["seconds"],
              "ms": {(p["target"], m): 1000 * r["seconds"] / p["n_test"] for p in parts
                     for m, r in p["methods"].items()}}
     _atomic_write(out / "results.csv", results_csv(rows).encode())

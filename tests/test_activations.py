@@ -76,3 +76,16 @@ def test_bfloat16_runs_close_to_float32(tiny):
     assert b.dtype == torch.float32 and torch.isfinite(b).all()
     cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1))
     assert (cos > 0.99).all()
+
+
+def test_mean_resid_equals_the_mean_of_a_single_prompt_cache(tiny):
+    from castlens.activations import mean_resid
+
+    prompts = [list(range(40, 40 + n)) for n in (5, 1, 23, 9)]
+    got = mean_resid(tiny, prompts, layer=2, batch_size=3)
+    for i, p in enumerate(prompts):
+        _, cache = tiny.run_with_cache(torch.tensor([p]), names_filter="blocks.2.hook_resid_post")
+        want = cache["blocks.2.hook_resid_post"][0].float().mean(0)
+        assert (got[i] - want).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="out of range"):
+        mean_resid(tiny, prompts, layer=7)

@@ -134,3 +134,15 @@ def test_cli_transfer_bad_input_is_one_line(tmp_path, capsys):
     assert main(["transfer", "--model", "tiny-llama", "--sources", "plural", "--targets", "plural",
                  "--out", str(tmp_path / "y")]) == 2
     assert "both source and target" in capsys.readouterr().err
+
+
+def test_graph_selection_chooses_per_target_vectors(tmp_path, tiny):
+    cfg, rows, out = _run(tmp_path, tiny, "g", select="cast", pool=12)
+    recs = {t: json.loads((out / "vectors" / f"{t}.sources.json").read_text()) for t in CFG["targets"]}
+    pool = tr.candidate_pool([load_task(s) for s in CFG["sources"]], CFG["shots"], 0, 12)
+    for t, rec in recs.items():
+        assert rec["selection"] == "cast" and len(rec["samples"]) == CFG["n"]
+        assert {(s["task"], s["input"]) for s in rec["samples"]} <= {(n, e.input) for n, e in pool}
+    assert (out / "candidates.safetensors").exists() and (out / "results.csv").exists()
+    with pytest.raises(ValueError, match="unknown selection method"):
+        _run(tmp_path, tiny, "h", select="magic")
