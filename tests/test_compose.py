@@ -52,3 +52,38 @@ def test_search_recovers_a_planted_optimum_and_is_seeded():
     assert trace[0]["alpha"] == [0.0, 0.0, 0.0] and len(trace) == 80
     again, _ = compose.search(f, 3, n_trials=80, seed=0)
     assert np.allclose(best, again)
+
+
+def test_search_recovers_a_planted_combination_on_the_tiny_model(tiny):
+    """Gold answers are the tiny model's own predictions when steered by V^T alpha*; searching alpha with the
+    adaptation objective from the unsteered model finds coefficients close to alpha*."""
+    import torch
+
+    from castlens.reuse import UNSTEERED, Setting, prefix_option_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(3, 64, generator=g)
+    basis = basis / basis.norm(dim=-1, keepdim=True) * 6
+    alpha_star = np.array([1.5, -1.0, 0.5])
+    queries = [torch.randint(3, 250, (int(n),), generator=g).tolist() for n in torch.randint(5, 30, (40,), generator=g)]
+    options = [[[65], [66], [67], [68]]] * 40
+
+    def scores(alpha):
+        v = (torch.tensor(alpha, dtype=torch.float32) @ basis).expand(4, -1).contiguous()
+        return prefix_option_logprobs(tiny, [], queries, options, [Setting("s", v, 2, 1.0)])[0]
+
+    gold = scores(alpha_star).argmax(-1)
+    base = prefix_option_logprobs(tiny, [], queries, options, [UNSTEERED])[0]
+    rows = torch.arange(len(queries))
+    base_ok, base_p = (base.argmax(-1) == gold).numpy(), torch.softmax(base, -1)[rows, gold].numpy()
+    assert base_ok.mean() < 0.8  # the planted direction matters
+
+    def evaluate(alpha):
+        s = scores(alpha)
+        return compose.objective(base_ok, (s.argmax(-1) == gold).numpy(), base_p,
+                                 torch.softmax(s, -1)[rows, gold].numpy())
+
+    best, trace = compose.search(evaluate, 3, n_trials=80, bound=3.0, seed=0)
+    cos = best @ alpha_star / np.linalg.norm(best) / np.linalg.norm(alpha_star)
+    assert cos > 0.95 and np.abs(best - alpha_star).max() < 0.5
+    assert max(t["objective"] for t in trace) > trace[0]["objective"] == pytest.approx(0.0)
