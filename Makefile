@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench figures transfer-figures clean
+.PHONY: setup demo test test-fast bench figures transfer-figures compose-figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ TRANSFER := $(VENV)/bin/castlens transfer --n 64 --shots 4 --dev 64 --batch-size
 transfer-figures: $(STAMP)
 	$(TRANSFER) --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --out figures/transfer_cross_domain
 	$(TRANSFER) --sources mnli,xnli_en,pawsx_en,sst2 --targets xnli_zh,xnli_fr,xnli_de,pawsx_zh,pawsx_de,marc_zh,eprstmt_zh --out figures/transfer_cross_lingual
+
+# Steer2Adapt: per-task CAST vectors of the 8 CAST source tasks form the library; each held-out target (with a
+# train split for its 12 examples) is adapted with the vectors of the other task families.
+compose-figures: $(STAMP)
+	$(VENV)/bin/castlens vectors --tasks $(CAST_SOURCES) --n 32 --shots 4 --out figures/steer2adapt/library
+	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,arc_challenge,sciq,social_i_qa,mnli,ag_news --examples 12 --trials 60 --out figures/steer2adapt
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -4,6 +4,7 @@
     castlens vectors --model M --tasks a,b --n N --shots K --out FILE
     castlens analyze --model M --tasks a,b,c --n N --shots K --out DIR   parallel-direction analysis
     castlens transfer --model M --sources a,b --targets x,y --n N --shots K --out DIR   CAST vs baselines
+    castlens compose --library FILES --targets x,y --examples 12 --out DIR   Steer2Adapt
     castlens demo --out DIR                          the main job on the embedded default model
 """
 
@@ -175,6 +176,28 @@ def cmd_transfer(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compose(a: argparse.Namespace) -> int:
+    from castlens.compose import run_compose
+    from castlens.models import load_model
+    from castlens.vectors import load_vectors
+
+    targets = [load_task(t, a.data_dir) for t in a.targets]
+    model = load_model(a.model)
+    lib = {}
+    for f in a.library:
+        lib.update(load_vectors(f, model))
+    t0 = time.perf_counter()
+    rows = run_compose(model, lib, targets, Path(a.out), leave_out_family=not a.keep_family, n_boot=a.n_boot,
+                       layer=a.layer, examples=a.examples, kind=a.basis, k=a.k, n_trials=a.trials, seed=a.seed,
+                       limit=a.limit, batch_size=a.batch_size)
+    print(f"compose finished in {time.perf_counter() - t0:.0f}s; table: {Path(a.out) / 'results.md'}")
+    for r in rows:
+        if r["target"].startswith("mean"):
+            print(f"  {r['method']:<13} mean accuracy {100 * r['accuracy']:5.1f}% "
+                  f"[{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}]")
+    return 0
+
+
 def cmd_tasks(a: argparse.Namespace) -> int:
     from castlens.tasks import list_tasks
 
@@ -239,6 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="output folder (an interrupted run resumes in it)")
     tr.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
     tr.set_defaults(func=cmd_transfer)
+
+    c = sub.add_parser("compose", help="Steer2Adapt: adapt to targets with a combination of library vectors")
+    common(c)
+    c.add_argument("--library", type=_task_list, required=True, help="comma-separated vector files")
+    c.add_argument("--targets", type=_task_list, required=True, help="comma-separated target tasks")
+    c.add_argument("--examples", type=int, default=12, help="labelled target examples for the search")
+    c.add_argument("--layer", type=int, default=None, help="steering layer (default: the middle one)")
+    c.add_argument("--basis", default="raw", choices=["raw", "orthonormal", "pca"])
+    c.add_argument("--k", type=int, default=None, help="PCA components (basis pca)")
+    c.add_argument("--trials", type=int, default=60, help="search budget (objective evaluations)")
+    c.add_argument("--limit", type=int, default=None, help="test items per target (default: all)")
+    c.add_argument("--keep-family", action="store_true", help="keep library vectors of the target's own family")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--n-boot", type=int, default=1000)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_compose)
 
     d = sub.add_parser("demo", help="the analysis on the built-in tasks with small settings")
     common(d)

@@ -114,3 +114,211 @@ def search(evaluate: Callable[[np.ndarray], float], k: int, n_trials: int = 60, 
     study.optimize(run, n_trials=n_trials)
     best = np.array([study.best_params[f"a{i}"] for i in range(k)])
     return best, trace
+
+
+# ---------------------------------------------------------------- adaptation on a model
+ADAPT_METHODS = ("zero_shot", "icl_examples", "steer2adapt", "single_best", "uniform_mean")
+
+
+def adapt(model, vectors: Mapping[str, object], target, layer: int | None = None, examples: int = 12,
+          kind: str = "raw", k: int | None = None, n_trials: int = 60, bound: float = 2.0, seed: int = 0,
+          limit: int | None = None, batch_size: int = 32, strengths: Sequence[float] = (0.5, 1.0, 2.0, 4.0)
+          ) -> dict:
+    """Steer2Adapt on one target: search ``alpha`` on ``examples`` labelled train items, then score the test split.
+
+    Methods on test: ``zero_shot``; ``icl_examples`` (the same labelled items as demonstrations);
+    ``steer2adapt`` (``B^T alpha`` at ``layer``, last prompt token); ``single_best`` (the library vector and
+    strength with the best objective on the same items; with per-task CAST vectors in the library this is also
+    "the CAST vector of the best source"); ``uniform_mean`` (the library mean, strength chosen the same way).
+    Returns a JSON-ready part (as :func:`castlens.transfer.run_target`) plus ``alpha``, the basis and the trace.
+    """
+    import random
+    import time
+
+    import torch
+
+    from castlens.prompts import default_format
+    from castlens.reuse import UNSTEERED, Setting, prefix_option_logprobs
+    from castlens.transfer import _enc, _prefix, options_for
+
+    n_layers, d = model.cfg.n_layers, model.cfg.d_model
+    layer = n_layers // 2 if layer is None else layer
+    lib = library(vectors, layer)
+    if lib.vectors.shape[1] != d:
+        raise ValueError(f"library vectors have width {lib.vectors.shape[1]}, the model {d}")
+    B, ratio = basis(lib, kind, k)
+    fmt = default_format(target)
+    train = target.split("train")
+    if examples > len(train):
+        raise ValueError(f"target {target.name!r}: {examples} examples asked for, train has {len(train)}")
+    few = random.Random(f"{seed}:adapt:{target.name}").sample(train, examples)
+    test = target.split("test")[:limit]
+    prefix = _prefix(model, [fmt.instruction], fmt)
+
+    def encode(items):
+        opts = [options_for(target, e, fmt, seed=seed) for e in items]
+        return ([_enc(model, fmt.render(e, False)) for e in items],
+                [[_enc(model, " " + o) for o in texts] for texts, _ in opts], [g for _, g in opts])
+
+    def setting(name: str, v: np.ndarray) -> Setting:
+        directions = torch.zeros(n_layers, d)
+        directions[layer] = torch.as_tensor(v, dtype=torch.float32)
+        return Setting(name, directions, layer, 1.0)
+
+    q, o, g = encode(few)
+    rows = torch.arange(len(q))
+
+    def stats(scores):
+        return (scores.argmax(-1) == torch.tensor(g)).numpy(), torch.softmax(scores, -1)[rows, g].numpy()
+
+    base_ok, base_p = stats(prefix_option_logprobs(model, prefix, q, o, batch_size=batch_size)[0])
+    passes = {"search": 0, "baselines": 0}
+
+    def evaluate_many(named: list[Setting]) -> list[float]:
+        passes["search" if len(named) == 1 else "baselines"] += len(named) * len(q)
+        scores = prefix_option_logprobs(model, prefix, q, o, named, batch_size=batch_size)
+        out = []
+        for sc in scores:
+            ok, p = stats(sc)
+            out.append(objective(base_ok, ok, base_p, p))
+        return out
+
+    t0 = time.perf_counter()
+    alpha, trace = search(lambda a: evaluate_many([setting("s2a", a @ B)])[0], len(B), n_trials, bound, seed)
+    search_s = time.perf_counter() - t0
+    singles = [(i, s) for i in range(len(lib.names)) for s in strengths]
+    single_j = evaluate_many([setting(f"{lib.names[i]}x{s}", s * lib.vectors[i]) for i, s in singles])
+    i_best, s_best = singles[int(np.argmax(single_j))]
+    mean_j = evaluate_many([setting(f"mean x{s}", s * lib.vectors.mean(0)) for s in strengths])
+    s_mean = strengths[int(np.argmax(mean_j))]
+
+    qt, ot, gold = encode(test)
+    chosen = [UNSTEERED, setting("steer2adapt", alpha @ B), setting("single_best", s_best * lib.vectors[i_best]),
+              setting("uniform_mean", s_mean * lib.vectors.mean(0))]
+    timings: dict = {}
+    scores = prefix_option_logprobs(model, prefix, qt, ot, chosen, batch_size=batch_size, timings=timings)
+    icl_prefix = _prefix(model, [fmt.instruction, *(fmt.render(e, True) for e in few)], fmt)
+    t1 = time.perf_counter()
+    icl = prefix_option_logprobs(model, icl_prefix, qt, ot, batch_size=batch_size)[0]
+    icl_s = time.perf_counter() - t1
+    qlen = float(np.mean([len(x) for x in qt]))
+    methods = {}
+    shared = timings["prefix"] + timings["body"]
+    for name, sc, plen, secs, extra in (
+            ("zero_shot", scores[0], len(prefix), shared + timings["unsteered"], None),
+            ("icl_examples", icl, len(icl_prefix), icl_s, None),
+            ("steer2adapt", scores[1], len(prefix), shared + timings["steer2adapt"], {"layer": layer}),
+            ("single_best", scores[2], len(prefix), shared + timings["single_best"],
+             {"layer": layer, "strength": s_best, "vector": lib.names[i_best]}),
+            ("uniform_mean", scores[3], len(prefix), shared + timings["uniform_mean"],
+             {"layer": layer, "strength": s_mean})):
+        pred = sc.argmax(-1).tolist()
+        methods[name] = {"pred": pred, "correct": [int(p == y) for p, y in zip(pred, gold)],
+                         "prompt_tokens": plen + qlen, "seconds": secs, "setting": extra}
+    counts = np.bincount(gold, minlength=max(map(len, ot)))
+    return {"target": target.name, "n_test": len(test), "gold": gold, "examples": [e.input for e in few],
+            "chance": float(np.mean([1 / len(x) for x in ot])), "majority": float(counts.max() / len(gold)),
+            "methods": methods, "alpha": alpha.tolist(), "library": lib.names, "basis_kind": kind,
+            "basis_explained_variance": None if ratio is None else ratio.tolist(), "layer": layer,
+            "trace": trace, "search_seconds": search_s,
+            "scored_examples": passes, "objective": {"steer2adapt": max(t["objective"] for t in trace),
+                                                     "single_best": float(max(single_j)),
+                                                     "uniform_mean": float(max(mean_j))}}
+
+
+# Task families for leave-one-family-out experiments: a held-out target's library never contains a task of its
+# own family (names of the shared collection; a task not listed is its own family).
+FAMILIES = {
+    "sentiment": ("sst2", "financial_phrasebank", "emotion", "eprstmt_zh", "marc_de", "marc_es", "marc_fr",
+                  "marc_ja", "marc_zh"),
+    "nli": ("mnli", "xnli_en", "xnli_de", "xnli_fr", "xnli_zh"),
+    "paraphrase": ("qqp", "pawsx_en", "pawsx_de", "pawsx_zh"),
+    "topic": ("ag_news",),
+    "multiple_choice_qa": ("arc_easy", "arc_challenge", "sciq", "commonsense_qa", "social_i_qa", "medmcqa", "race"),
+    "yes_no_qa": ("boolq",),
+}
+
+
+def family(task: str) -> str:
+    return next((f for f, names in FAMILIES.items() if task in names), task)
+
+
+def run_compose(model, library_vectors: Mapping[str, object], targets: Sequence, out, leave_out_family: bool = True,
+                n_boot: int = 1000, log=print, **adapt_kw) -> list[dict]:
+    """:func:`adapt` on each target (resumable: one ``parts/<target>.json`` each, never rewritten), then
+    ``results.csv``, ``results.md``, ``coefficients.csv`` and a coefficient heatmap in ``out``."""
+    import json
+    from pathlib import Path
+
+    from castlens import plots
+    from castlens.transfer import _write_json, summarize
+    from castlens.vectors import _atomic_write
+
+    out = Path(out)
+    parts = []
+    for i, t in enumerate(targets, 1):
+        path = out / "parts" / f"{t.name}.json"
+        if path.exists():
+            parts.append(json.loads(path.read_text()))
+            log(f"[{i}/{len(targets)}] {t.name}: finished earlier, kept")
+            continue
+        lib = {k: v for k, v in library_vectors.items()
+               if k != t.name and not (leave_out_family and family(k) == family(t.name))}
+        if not lib:
+            raise ValueError(f"target {t.name!r}: no library vector left after leaving out its family")
+        log(f"[{i}/{len(targets)}] {t.name}: library {', '.join(lib)}")
+        part = adapt(model, lib, t, **adapt_kw)
+        _write_json(path, part)
+        parts.append(part)
+        z, s = (np.mean(part["methods"][m]["correct"]) for m in ("zero_shot", "steer2adapt"))
+        log(f"  zero-shot {100 * z:.1f}%, Steer2Adapt {100 * s:.1f}%; alpha {np.round(part['alpha'], 2).tolist()}")
+    rows = summarize(parts, n_boot=n_boot, methods=ADAPT_METHODS, refs=(("zero_shot", "zero"), ("icl_examples", "icl")))
+    import csv
+    import io
+
+    cols = ["target", "method", "accuracy", "ci_lo", "ci_hi", "macro_f1", "delta_zero", "delta_zero_lo",
+            "delta_zero_hi", "delta_zero_noise", "delta_icl", "delta_icl_lo", "delta_icl_hi", "delta_icl_noise",
+            "prompt_tokens", "n_test"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, cols, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{r[k]:.4f}" if isinstance(r.get(k), float) else r.get(k, "")) for k in cols})
+    _atomic_write(out / "results.csv", buf.getvalue().encode())
+    names = sorted({n for p in parts for n in p["library"]}, key=lambda n: list(library_vectors).index(n))
+    coef = np.full((len(parts), len(names)), np.nan)
+    for i, p in enumerate(parts):
+        if p["basis_kind"] == "raw":
+            for n, a in zip(p["library"], p["alpha"]):
+                coef[i, names.index(n)] = a
+    lines = ["target," + ",".join(names)] + [p["target"] + "," + ",".join("" if np.isnan(x) else f"{x:.3f}"
+                                                                          for x in row) for p, row in zip(parts, coef)]
+    _atomic_write(out / "coefficients.csv", ("\n".join(lines) + "\n").encode())
+
+    def cell(r, name):
+        if f"delta_{name}" not in r:
+            return ""
+        mark = " ~" if r[f"delta_{name}_noise"] else ""
+        return f"{100 * r[f'delta_{name}']:+.1f} [{100 * r[f'delta_{name}_lo']:+.1f}, {100 * r[f'delta_{name}_hi']:+.1f}]{mark}"
+
+    md = ["# Steer2Adapt: composing library vectors for a held-out target", "",
+          f"Layer {parts[0]['layer']}, basis `{parts[0]['basis_kind']}`, {len(parts[0]['examples'])} labelled "
+          f"examples per target, {len(parts[0]['trace'])} search trials; accuracy in % with 95% bootstrap "
+          "intervals over test items; `~`: the paired interval contains 0.", "",
+          "| target | method | accuracy | vs zero-shot | vs ICL with the examples | prompt tokens |",
+          "|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['target']} | {r['method']} | {100 * r['accuracy']:.1f} [{100 * r['ci_lo']:.1f}, "
+                  f"{100 * r['ci_hi']:.1f}] | {cell(r, 'zero')} | {cell(r, 'icl')} | {r['prompt_tokens']:.0f} |")
+    md += ["", "Search cost per target: " + "; ".join(
+        f"{p['target']} {p['scored_examples']['search']} example forwards ({p['search_seconds']:.0f}s)" for p in parts),
+        "", "Coefficients (raw basis): `coefficients.csv`; single best library vector per target: " + "; ".join(
+        f"{p['target']}: {p['methods']['single_best']['setting']['vector']} x"
+        f"{p['methods']['single_best']['setting']['strength']:g}" for p in parts)]
+    _atomic_write(out / "results.md", ("\n".join(md) + "\n").encode())
+    png = plots.png_export_available()
+    fig = plots.coefficient_heatmap(coef, [p["target"] for p in parts], names,
+                                    title="Steer2Adapt coefficients: which library vectors serve which target",
+                                    caption="Blank: left out (same family as the target).")
+    plots.save_figure(fig, out / "coefficients", png=png)
+    return rows

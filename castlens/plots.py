@@ -413,6 +413,27 @@ def method_bars(
     return _finish(fig, title, caption, "", yaxis_title, width=1000)
 
 
+def coefficient_heatmap(
+    coef: Any,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    title: str = "Coefficients",
+    caption: str = "",
+) -> go.Figure:
+    """A ``[row, col]`` matrix (e.g. target x library vector coefficients), diverging colours centred on 0."""
+    m = _arr(coef, "coef", 2)
+    if m.shape != (len(rows), len(cols)):
+        raise ValueError(f"coef: expected shape ({len(rows)}, {len(cols)}), got {m.shape}")
+    lim = float(np.nanmax(np.abs(m))) if m.size and np.isfinite(m).any() else 1.0
+    fig = go.Figure(go.Heatmap(z=m, x=[str(c) for c in cols], y=[str(r) for r in rows], zmid=0, zmin=-lim,
+                               zmax=lim, colorscale="RdBu_r", text=m, texttemplate="%{text:.2f}",
+                               hovertemplate="%{y} / %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_xaxes(side="top", tickangle=-45, automargin=True)
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    return _finish(fig, title, caption, "", "", width=max(600, 60 * len(cols) + 300),
+                   height=max(360, 40 * len(rows) + 260), caption_shift=20)
+
+
 # ----------------------------------------------------------------------------- saving
 
 

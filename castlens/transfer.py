@@ -319,7 +319,9 @@ def _boot_index(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
-def summarize(parts: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+def summarize(parts: Sequence[dict], n_boot: int = 1000, seed: int = 0, methods: Sequence[str] = METHODS,
+              refs: Sequence[tuple[str, str]] = (("zero_shot", "zero"), ("icl_cross_task", "cross_icl"))
+              ) -> list[dict]:
     """One row per (target, method) and per method averaged over targets ("mean"): accuracy with a percentile
     bootstrap CI over test items, macro-F1, and paired bootstrap CIs of the difference to zero-shot and to
     cross-task ICL (the same resampled items for both methods). The mean row averages the per-target accuracies;
@@ -329,7 +331,7 @@ def summarize(parts: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> list[
     rows, draws = [], {}
     for p in parts:
         idx = _boot_index(p["n_test"], n_boot, seed)
-        for m in [m for m in METHODS if m in p["methods"]]:
+        for m in [m for m in methods if m in p["methods"]]:
             r = p["methods"][m]
             c = np.asarray(r["correct"], dtype=float)
             draws[(p["target"], m)] = c[idx].mean(1)
@@ -339,7 +341,7 @@ def summarize(parts: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> list[
                          "layer": (r["setting"] or {}).get("layer"), "strength": (r["setting"] or {}).get("strength"),
                          "chance": p["chance"], "majority": p["majority"]})
     targets = [p["target"] for p in parts]
-    for m in METHODS:
+    for m in methods:
         have = [t for t in targets if (t, m) in draws]
         if not have:
             continue
@@ -357,7 +359,7 @@ def summarize(parts: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> list[
         key = r.pop("_key", r["target"])
         d = draws[(key, r["method"])]
         r["ci_lo"], r["ci_hi"] = (float(x) for x in np.percentile(d, [2.5, 97.5]))
-        for ref, name in (("zero_shot", "zero"), ("icl_cross_task", "cross_icl")):
+        for ref, name in refs:
             if (key, ref) in draws and ref != r["method"] and (key != "mean" or r["target"] == "mean"):
                 diff = d - draws[(key, ref)]
                 delta = r["accuracy"] - next(x["accuracy"] for x in rows if x["method"] == ref and

@@ -293,3 +293,11 @@ def test_method_bars_groups_intervals_and_chance():
     assert b.error_y.array is None and list(chance.y) == [0.25, 0.33]
     with pytest.raises(ValueError, match="values"):
         P.method_bars(["t1"], {"a": [0.1, 0.2]})
+
+
+def test_coefficient_heatmap_shape_and_symmetric_scale():
+    fig = P.coefficient_heatmap([[1.0, -3.0], [0.5, 2.0]], ["t1", "t2"], ["a", "b"])
+    h = fig.data[0]
+    assert h.zmin == -3 and h.zmax == 3 and list(h.x) == ["a", "b"]
+    with pytest.raises(ValueError, match="expected shape"):
+        P.coefficient_heatmap([[1.0, 2.0]], ["t1", "t2"], ["a", "b"])
