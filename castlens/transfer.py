@@ -299,7 +299,7 @@ def run_target(model, cfg: TransferConfig, target: Task, vectors: dict[str, Stee
         add("icl_in_task", _score(model, prefix, q, o, [UNSTEERED], batch_size)[0], len(prefix),
             time.perf_counter() - t0)
     samples = [Example(s["input"], s["output"]) for s in record["samples"]]
-    src_fmts = {s["task"]: default_format(load_task(s["task"])) for s in record["samples"]}
+    src_fmts = {name: default_format(load_task(name)) for name in {s["task"] for s in record["samples"]}}
     rng = random.Random(f"{cfg.seed}:cross-demos:{target.name}")
     picked = rng.sample(range(len(samples)), min(cfg.shots, len(samples)))
     blocks = [src_fmts[record["samples"][i]["task"]].render(samples[i], True) for i in picked]
