@@ -169,16 +169,22 @@ def _expand(kv: KV | None, b: int) -> KV | None:
     return [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv] if kv else None
 
 
-def _body_batch(model, prefix_kv: KV | None, p: int, bodies: list[list[int]]):
-    """Run the bodies on top of the prefix cache; returns the cache, the mask over prefix + bodies, and each
-    row's next position."""
+def _body_batch(model, prefix_kv: KV | None, p: int, bodies: list[list[int]], room: int):
+    """Run the bodies on top of the prefix cache; returns a rewindable cache holding prefix + bodies (with
+    ``room`` more positions, or ``None`` if both are empty), the mask over prefix + bodies and each row's next
+    position. With a prefix, the bodies' keys and values are written straight into one preallocated buffer."""
     ids, mask, pos = _layout(model, p, bodies)
-    kv = _expand(prefix_kv, len(bodies))
     nxt = torch.tensor([p + len(s) for s in bodies])
-    if ids.shape[1] == 0:
-        return kv, mask, nxt
-    cache, _, _ = _forward(model, ids, mask, pos, kv, None)
-    return _kv(cache), mask, nxt
+    width = ids.shape[1]
+    cache = _rewindable(_expand(prefix_kv, len(bodies)), width + room) if prefix_kv else None
+    if width == 0:
+        return cache, mask, nxt
+    grown, _, _ = _forward(model, ids, mask, pos, cache, None)
+    if cache is None:
+        return _rewindable(_kv(grown), room), mask, nxt
+    for layer in cache.layers:  # keep the bodies: later passes rewind to here
+        layer.base = layer.keys.shape[-2]
+    return cache, mask, nxt
 
 
 def _option_rows(options: Sequence[Sequence[Sequence[int]]]
@@ -245,8 +251,9 @@ def prefix_option_logprobs(model, prefix_ids: Sequence[int], query_ids: Sequence
         for batch in tqdm(batches, desc="scoring", leave=False,
                           disable=not (progress if progress is not None else len(batches) > 4)):
             t0 = clock()
-            kv, mask, nxt = _body_batch(model, kv0, p, [list(query_ids[q][:-1]) for q in batch])
             rows, reads = _option_rows([option_ids[q] for q in batch])
+            room = max(1 + len(c) for _, c in rows)
+            kv, mask, nxt = _body_batch(model, kv0, p, [list(query_ids[q][:-1]) for q in batch], room)
             chunks = [[query_ids[batch[b]][-1]] + c for b, c in rows]
             width = max(len(c) for c in chunks)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -258,7 +265,7 @@ def prefix_option_logprobs(model, prefix_ids: Sequence[int], query_ids: Sequence
             pos = nxt[src, None] + torch.arange(width)[None]
             full_mask = torch.cat([mask[src], cmask], 1)
             same = len(rows) == len(batch)  # one row per query: the body cache serves as it is
-            kv_rows = None if kv is None else _rewindable(kv if same else _select(kv, src), width)
+            kv_rows = kv if kv is None or same else _rewindable(_select(_kv(kv), src), width)
             read = [(r, 0, len(c)) for r, c in enumerate(chunks)]
             offsets = torch.tensor([0] + [len(c) for c in chunks]).cumsum(0)
             timings["body"] = timings.get("body", 0.0) + clock() - t0
