@@ -56,7 +56,7 @@ transfer-figures: $(STAMP)
 # train split for its 12 examples) is adapted with the vectors of the other task families.
 compose-figures: $(STAMP)
 	$(VENV)/bin/castlens vectors --tasks $(CAST_SOURCES) --n 32 --shots 4 --out figures/steer2adapt/library
-	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,arc_challenge,sciq,social_i_qa,mnli,ag_news --examples 12 --trials 60 --out figures/steer2adapt
+	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --out figures/steer2adapt
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
