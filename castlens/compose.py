@@ -152,6 +152,7 @@ def adapt(model, vectors: Mapping[str, object], target, layer: int | None = None
     if examples > len(train):
         raise ValueError(f"target {target.name!r}: {examples} examples asked for, train has {len(train)}")
     few = random.Random(f"{seed}:adapt:{target.name}").sample(train, examples)
+    pos = {id(e): i for i, e in enumerate(train)}  # results name train items by index, never by their text
     test = target.split("test")[:limit]
     prefix = _prefix(model, [fmt.instruction], fmt)
 
@@ -216,7 +217,7 @@ def adapt(model, vectors: Mapping[str, object], target, layer: int | None = None
         methods[name] = {"pred": pred, "correct": [int(p == y) for p, y in zip(pred, gold)],
                          "prompt_tokens": plen + qlen, "seconds": secs, "setting": extra}
     counts = np.bincount(gold, minlength=max(map(len, ot)))
-    return {"target": target.name, "n_test": len(test), "gold": gold, "examples": [e.input for e in few],
+    return {"target": target.name, "n_test": len(test), "gold": gold, "examples": [pos[id(e)] for e in few],
             "chance": float(np.mean([1 / len(x) for x in ot])), "majority": float(counts.max() / len(gold)),
             "methods": methods, "alpha": alpha.tolist(), "library": lib.names, "basis_kind": kind,
             "basis_explained_variance": None if ratio is None else ratio.tolist(), "layer": layer,

@@ -183,9 +183,10 @@ def source_vectors(model, sources: Sequence[Task], n: int, shots: int, seed: int
         "random_vector": SteeringVector(directions=random_like(mean, seed), method="random, mean's norm per layer",
                                         **meta),
     }
-    record = {"samples": [{"task": name, "input": e.input, "output": e.output} for name, e in order],
+    index = {t.name: {id(e): i for i, e in enumerate(t.train)} for t in sources}  # ids, never task text
+    record = {"samples": [{"task": name, "train_index": index[name][id(e)]} for name, e in order],
               "selection": method,
-              "demos": {k: [d.input for d in v] for k, v in demos.items()},
+              "demos": {k: [index[k][id(d)] for d in v] for k, v in demos.items()},
               "tokens_processed": tokens, "seconds": time.perf_counter() - t0}
     return vecs, record
 
@@ -298,8 +299,9 @@ def run_target(model, cfg: TransferConfig, target: Task, vectors: dict[str, Stee
         t0 = time.perf_counter()
         add("icl_in_task", _score(model, prefix, q, o, [UNSTEERED], batch_size)[0], len(prefix),
             time.perf_counter() - t0)
-    samples = [Example(s["input"], s["output"]) for s in record["samples"]]
-    src_fmts = {name: default_format(load_task(name)) for name in {s["task"] for s in record["samples"]}}
+    src = {name: load_task(name) for name in {s["task"] for s in record["samples"]}}
+    samples = [src[s["task"]].train[s["train_index"]] for s in record["samples"]]
+    src_fmts = {name: default_format(t) for name, t in src.items()}
     rng = random.Random(f"{cfg.seed}:cross-demos:{target.name}")
     picked = rng.sample(range(len(samples)), min(cfg.shots, len(samples)))
     blocks = [src_fmts[record["samples"][i]["task"]].render(samples[i], True) for i in picked]

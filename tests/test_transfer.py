@@ -142,7 +142,9 @@ def test_graph_selection_chooses_per_target_vectors(tmp_path, tiny):
     pool = tr.candidate_pool([load_task(s) for s in CFG["sources"]], CFG["shots"], 0, 12)
     for t, rec in recs.items():
         assert rec["selection"] == "cast" and len(rec["samples"]) == CFG["n"]
-        assert {(s["task"], s["input"]) for s in rec["samples"]} <= {(n, e.input) for n, e in pool}
+        tasks = {t: load_task(t) for t in CFG["sources"]}
+        chosen = {(s["task"], tasks[s["task"]].train[s["train_index"]].input) for s in rec["samples"]}
+        assert chosen <= {(n, e.input) for n, e in pool}
     assert (out / "candidates.safetensors").exists() and (out / "results.csv").exists()
     with pytest.raises(ValueError, match="unknown selection method"):
         _run(tmp_path, tiny, "h", select="magic")
