@@ -246,7 +246,7 @@ def family(task: str) -> str:
 
 def run_compose(model, library_vectors: Mapping[str, object], targets: Sequence, out, leave_out_family: bool = True,
                 n_boot: int = 1000, log=print, **adapt_kw) -> list[dict]:
-    """:func:`adapt` on each target (resumable: one ``parts/<target>.json`` each, never rewritten), then
+    """:func:`adapt` on each target (resumable: one ``parts/<target>.part.json`` each, never rewritten), then
     ``results.csv``, ``results.md``, ``coefficients.csv`` and a coefficient heatmap in ``out``."""
     import json
     from pathlib import Path
@@ -258,7 +258,7 @@ def run_compose(model, library_vectors: Mapping[str, object], targets: Sequence,
     out = Path(out)
     parts = []
     for i, t in enumerate(targets, 1):
-        path = out / "parts" / f"{t.name}.json"
+        path = out / "parts" / f"{t.name}.part.json"
         if path.exists():
             parts.append(json.loads(path.read_text()))
             log(f"[{i}/{len(targets)}] {t.name}: finished earlier, kept")

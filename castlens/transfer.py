@@ -428,7 +428,7 @@ def _write_json(path: Path, obj) -> None:
 
 def run_transfer(model, cfg: TransferConfig, out: str | Path, batch_size: int = 16, png: bool | None = None,
                  log=print) -> list[dict]:
-    """The whole run into ``out``: ``config.json``, ``vectors.safetensors``, ``parts/<target>.json`` (one per
+    """The whole run into ``out``: ``config.json``, ``vectors.safetensors``, ``parts/<target>.part.json`` (one per
     finished target, never rewritten), then ``results.csv``, ``results.md``, ``costs.csv`` and the figures.
     A second call with the same config resumes; with a different config it refuses."""
     out = Path(out)
@@ -463,7 +463,7 @@ def run_transfer(model, cfg: TransferConfig, out: str | Path, batch_size: int = 
     parts: dict[str, dict] = {}
     ordered = sorted(targets, key=lambda t: not t.train)  # targets with a dev split first
     for i, t in enumerate(ordered, 1):
-        path = out / "parts" / f"{t.name}.json"
+        path = out / "parts" / f"{t.name}.part.json"
         if path.exists():
             parts[t.name] = json.loads(path.read_text())
             log(f"[{i}/{len(targets)}] {t.name}: finished earlier, kept")

@@ -100,11 +100,11 @@ def test_run_compose_leaves_out_the_family_and_resumes(tmp_path, tiny):
     fpb = load_task("sst2")  # the held-out target: same family as financial_phrasebank
     kw = dict(layer=2, examples=2, n_trials=4, limit=8, batch_size=8)
     rows = compose.run_compose(tiny, lib, [fpb, load_task("plural")], tmp_path, n_boot=50, log=lambda *a: None, **kw)
-    part = json.loads((tmp_path / "parts" / "sst2.json").read_text())
+    part = json.loads((tmp_path / "parts" / "sst2.part.json").read_text())
     assert "financial_phrasebank" not in part["library"] and len(part["alpha"]) == 3  # same family: left out
-    assert "financial_phrasebank" in json.loads((tmp_path / "parts" / "plural.json").read_text())["library"]
+    assert "financial_phrasebank" in json.loads((tmp_path / "parts" / "plural.part.json").read_text())["library"]
     assert set(part["methods"]) == set(compose.ADAPT_METHODS) and part["scored_examples"]["search"] == 4 * 2
-    before = (tmp_path / "parts" / "plural.json").read_bytes()
+    before = (tmp_path / "parts" / "plural.part.json").read_bytes()
     again = compose.run_compose(tiny, lib, [fpb, load_task("plural")], tmp_path, n_boot=50, log=lambda *a: None, **kw)
-    assert (tmp_path / "parts" / "plural.json").read_bytes() == before and again == rows
+    assert (tmp_path / "parts" / "plural.part.json").read_bytes() == before and again == rows
     assert (tmp_path / "coefficients.csv").read_text().splitlines()[0] == "target,uppercase,first_item,next_number,financial_phrasebank"

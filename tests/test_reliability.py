@@ -121,7 +121,7 @@ def test_sigkill_at_several_points_then_resume_gives_identical_results(tmp_path)
     expected = (ref / "results.csv").read_text()
     out = tmp_path / "killed"
     kills = 0
-    for marker in ("config.json", "vectors.safetensors", "parts/last_item.json", "parts/plural.json"):
+    for marker in ("config.json", "vectors.safetensors", "parts/last_item.part.json", "parts/plural.part.json"):
         p = _cli(out)
         while not (out / marker).exists() and p.poll() is None:
             time.sleep(0.01)
@@ -133,8 +133,8 @@ def test_sigkill_at_several_points_then_resume_gives_identical_results(tmp_path)
     assert _cli(out).wait(timeout=600) == 0
     assert (out / "results.csv").read_text() == expected
     for part in ("last_item", "plural", "antonym"):
-        assert json.loads((out / "parts" / f"{part}.json").read_text())["gold"] == \
-            json.loads((ref / "parts" / f"{part}.json").read_text())["gold"]
+        assert json.loads((out / "parts" / f"{part}.part.json").read_text())["gold"] == \
+            json.loads((ref / "parts" / f"{part}.part.json").read_text())["gold"]
     assert not list(out.rglob(".*.tmp"))
 
 
@@ -147,18 +147,18 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(tmp_path, tiny, monkeypa
     real = vec._atomic_write
 
     def full_disk(path, data):
-        if path.name == "plural.json":
+        if path.name == "plural.part.json":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data)
 
     monkeypatch.setattr(tr, "_atomic_write", full_disk)
     with pytest.raises(OSError, match="No space"):
         tr.run_transfer(tiny, cfg, tmp_path, png=False, log=lambda *a: None)
-    first = (tmp_path / "parts" / "last_item.json").read_bytes()
-    assert not (tmp_path / "parts" / "plural.json").exists() and not (tmp_path / "results.csv").exists()
+    first = (tmp_path / "parts" / "last_item.part.json").read_bytes()
+    assert not (tmp_path / "parts" / "plural.part.json").exists() and not (tmp_path / "results.csv").exists()
     monkeypatch.setattr(tr, "_atomic_write", real)
     tr.run_transfer(tiny, cfg, tmp_path, png=False, log=lambda *a: None)
-    assert (tmp_path / "parts" / "last_item.json").read_bytes() == first
+    assert (tmp_path / "parts" / "last_item.part.json").read_bytes() == first
 
 
 def test_atomic_write_failure_leaves_no_partial_file(tmp_path, monkeypatch):

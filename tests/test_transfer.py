@@ -70,7 +70,7 @@ def test_run_outputs_and_dev_chosen_settings(tmp_path, tiny):
     for f in ("results.csv", "results.md", "costs.csv", "config.json", "sources.json", "vectors.safetensors",
               "sweep_last_item.html", "cost_accuracy.html", "accuracy_by_target.html"):
         assert (out / f).exists(), f
-    part = json.loads((out / "parts" / "plural.json").read_text())
+    part = json.loads((out / "parts" / "plural.part.json").read_text())
     assert set(part["methods"]) == set(tr.METHODS) and part["n_test"] == 8 and part["n_dev"] == 6
     for c in tr.CONSTRUCTIONS:  # the test setting is the dev argmax of its construction
         best = max(r["dev_accuracy"] for r in part["sweep"] if r["construction"] == c)
@@ -99,12 +99,12 @@ def test_resume_after_interruption_gives_the_same_results(tmp_path, tiny, monkey
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, tiny, "resumed")
     out = tmp_path / "resumed"
-    assert (out / "parts" / "last_item.json").exists() and not (out / "parts" / "plural.json").exists()
+    assert (out / "parts" / "last_item.part.json").exists() and not (out / "parts" / "plural.part.json").exists()
     assert not (out / "results.csv").exists() and not list(out.rglob("*.tmp"))
-    first = (out / "parts" / "last_item.json").read_bytes()
+    first = (out / "parts" / "last_item.part.json").read_bytes()
     monkeypatch.setattr(tr, "run_target", real)
     _run(tmp_path, tiny, "resumed")
-    assert (out / "parts" / "last_item.json").read_bytes() == first  # a finished part is never rewritten
+    assert (out / "parts" / "last_item.part.json").read_bytes() == first  # a finished part is never rewritten
     assert (out / "results.csv").read_text() == (full / "results.csv").read_text()
 
 
@@ -116,7 +116,7 @@ def test_refuses_to_resume_with_a_different_config(tmp_path, tiny):
 
 def test_test_only_target_borrows_settings_from_the_other_targets(tmp_path, tiny):
     _, rows, out = _run(tmp_path, tiny, "b", targets=("plural", "medmcqa"), limit=6)
-    part = json.loads((out / "parts" / "medmcqa.json").read_text())
+    part = json.loads((out / "parts" / "medmcqa.part.json").read_text())
     assert part["sweep"] == [] and "icl_in_task" not in part["methods"]
     assert all(part["chosen"][c]["borrowed_from"] == ["plural"] for c in tr.CONSTRUCTIONS)
     assert any(r["target"] == "mean (1 of 2)" and r["method"] == "icl_in_task" for r in rows)
