@@ -57,6 +57,7 @@ transfer-figures: $(STAMP)
 compose-figures: $(STAMP)
 	$(VENV)/bin/castlens vectors --tasks $(CAST_SOURCES) --n 32 --shots 4 --out figures/steer2adapt/library
 	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --out figures/steer2adapt
+	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --random-library --out figures/steer2adapt_random_library
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -186,8 +186,13 @@ def cmd_compose(a: argparse.Namespace) -> int:
     lib = {}
     for f in a.library:
         lib.update(load_vectors(f, model))
+    note = ""
+    if a.random_library:
+        from castlens.compose import random_library
+
+        lib, note = random_library(lib, a.seed), "control: every library vector replaced by a norm-matched random one"
     t0 = time.perf_counter()
-    rows = run_compose(model, lib, targets, Path(a.out), leave_out_family=not a.keep_family, n_boot=a.n_boot,
+    rows = run_compose(model, lib, targets, Path(a.out), leave_out_family=not a.keep_family, n_boot=a.n_boot, note=note,
                        layer=a.layer, examples=a.examples, kind=a.basis, k=a.k, n_trials=a.trials, seed=a.seed,
                        limit=a.limit, batch_size=a.batch_size)
     print(f"compose finished in {time.perf_counter() - t0:.0f}s; table: {Path(a.out) / 'results.md'}")
@@ -274,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trials", type=int, default=60, help="search budget (objective evaluations)")
     c.add_argument("--limit", type=int, default=None, help="test items per target (default: all)")
     c.add_argument("--keep-family", action="store_true", help="keep library vectors of the target's own family")
+    c.add_argument("--random-library", action="store_true", help="control: replace every library vector by a "
+                   "random one with the same norm per layer")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--n-boot", type=int, default=1000)
     c.add_argument("--out", required=True)

@@ -244,8 +244,22 @@ def family(task: str) -> str:
     return next((f for f, names in FAMILIES.items() if task in names), task)
 
 
+def random_library(library_vectors: Mapping[str, object], seed: int = 0) -> dict[str, np.ndarray]:
+    """The control library: each vector replaced by a Gaussian direction with its norm at every layer (names
+    kept, so the same families are left out)."""
+    from castlens.vectors import random_like
+
+    out = {}
+    for i, (name, v) in enumerate(library_vectors.items()):
+        import torch
+
+        d = torch.as_tensor(np.asarray(getattr(v, "directions", v)), dtype=torch.float32)
+        out[name] = random_like(d, seed=10_000 * (seed + 1) + i).numpy()
+    return out
+
+
 def run_compose(model, library_vectors: Mapping[str, object], targets: Sequence, out, leave_out_family: bool = True,
-                n_boot: int = 1000, log=print, **adapt_kw) -> list[dict]:
+                n_boot: int = 1000, log=print, note: str = "", **adapt_kw) -> list[dict]:
     """:func:`adapt` on each target (resumable: one ``parts/<target>.part.json`` each, never rewritten), then
     ``results.csv``, ``results.md``, ``coefficients.csv`` and a coefficient heatmap in ``out``."""
     import json
@@ -302,7 +316,7 @@ def run_compose(model, library_vectors: Mapping[str, object], targets: Sequence,
         mark = " ~" if r[f"delta_{name}_noise"] else ""
         return f"{100 * r[f'delta_{name}']:+.1f} [{100 * r[f'delta_{name}_lo']:+.1f}, {100 * r[f'delta_{name}_hi']:+.1f}]{mark}"
 
-    md = ["# Steer2Adapt: composing library vectors for a held-out target", "",
+    md = ["# Steer2Adapt: composing library vectors for a held-out target" + (f" ({note})" if note else ""), "",
           f"Layer {parts[0]['layer']}, basis `{parts[0]['basis_kind']}`, {len(parts[0]['examples'])} labelled "
           f"examples per target, {len(parts[0]['trace'])} search trials; accuracy in % with 95% bootstrap "
           "intervals over test items; `~`: the paired interval contains 0.", "",

@@ -108,3 +108,16 @@ def test_run_compose_leaves_out_the_family_and_resumes(tmp_path, tiny):
     again = compose.run_compose(tiny, lib, [fpb, load_task("plural")], tmp_path, n_boot=50, log=lambda *a: None, **kw)
     assert (tmp_path / "parts" / "plural.part.json").read_bytes() == before and again == rows
     assert (tmp_path / "coefficients.csv").read_text().splitlines()[0] == "target,uppercase,first_item,next_number,financial_phrasebank"
+
+
+def test_random_library_keeps_names_and_norms_only():
+    import torch
+
+    lib = {"a": torch.randn(4, 16), "b": torch.randn(4, 16) * 3}
+    rnd = compose.random_library(lib, seed=0)
+    assert list(rnd) == ["a", "b"]
+    for k in lib:
+        assert np.allclose(np.linalg.norm(rnd[k], axis=1), lib[k].norm(dim=1).numpy(), rtol=1e-5)
+        cos = (rnd[k] * lib[k].numpy()).sum(1) / np.linalg.norm(rnd[k], axis=1) / lib[k].norm(dim=1).numpy()
+        assert np.abs(cos).max() < 0.9
+    assert not np.allclose(rnd["a"], compose.random_library(lib, seed=1)["a"])
