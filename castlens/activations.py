@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from castlens.models import context_length, residual_stream_only, tokenizer_of
+from castlens.models import context_length, pad_id, residual_stream_only, tokenizer_of
 
 HOOK = "blocks.{layer}.hook_resid_post"
 
@@ -102,8 +102,6 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
         raise ValueError("no prompts given")
     seqs = tokenize(model, prompts, chat) if isinstance(prompts[0], str) else [list(p) for p in prompts]
     check_lengths(model, seqs)
-    pad_id = tokenizer_of(model).pad_token_id
-    pad_id = 0 if pad_id is None else pad_id
 
     out = torch.empty(len(seqs), len(layers), model.cfg.d_model, dtype=torch.float32)
     deepest = max(layers)
@@ -122,7 +120,7 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
     show = progress if progress is not None else len(batches) > 4
     with torch.inference_mode(), residual_stream_only(model), model.hooks(fwd_hooks=fwd_hooks):
         for rows in tqdm(batches, desc="activations", disable=not show, leave=False):
-            ids, mask, last = pad_batch([seqs[r] for r in rows], pad_id, padding_side)
+            ids, mask, last = pad_batch([seqs[r] for r in rows], pad_id(model), padding_side)
             state["rows"], state["last"] = torch.tensor(rows), last.to(device)
             try:
                 model(ids.to(device), attention_mask=mask.to(device), return_type=None)
@@ -141,7 +139,6 @@ def mean_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layer: i
         raise ValueError("no prompts given")
     seqs = tokenize(model, prompts) if isinstance(prompts[0], str) else [list(p) for p in prompts]
     check_lengths(model, seqs)
-    pad_id = tokenizer_of(model).pad_token_id
     out = torch.empty(len(seqs), model.cfg.d_model, dtype=torch.float32)
     device = next(model.parameters()).device
     state: dict = {}
@@ -155,7 +152,7 @@ def mean_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layer: i
     with torch.inference_mode(), residual_stream_only(model), model.hooks(fwd_hooks=[(HOOK.format(layer=layer), hook)]):
         for rows in tqdm(batches, desc="embeddings", leave=False,
                          disable=not (progress if progress is not None else len(batches) > 4)):
-            ids, mask, _ = pad_batch([seqs[r] for r in rows], 0 if pad_id is None else pad_id, "right")
+            ids, mask, _ = pad_batch([seqs[r] for r in rows], pad_id(model), "right")
             state["rows"], state["mask"] = torch.tensor(rows), mask
             try:
                 model(ids.to(device), attention_mask=mask.to(device), return_type=None)

@@ -139,7 +139,7 @@ def adapt(model, vectors: Mapping[str, object], target, layer: int | None = None
 
     from castlens.prompts import default_format
     from castlens.reuse import UNSTEERED, Setting, prefix_option_logprobs
-    from castlens.transfer import _enc, _prefix, options_for
+    from castlens.transfer import _prefix, encode_items, label_baselines, method_record
 
     n_layers, d = model.cfg.n_layers, model.cfg.d_model
     layer = n_layers // 2 if layer is None else layer
@@ -157,9 +157,7 @@ def adapt(model, vectors: Mapping[str, object], target, layer: int | None = None
     prefix = _prefix(model, [fmt.instruction], fmt)
 
     def encode(items):
-        opts = [options_for(target, e, fmt, seed=seed) for e in items]
-        return ([_enc(model, fmt.render(e, False)) for e in items],
-                [[_enc(model, " " + o) for o in texts] for texts, _ in opts], [g for _, g in opts])
+        return encode_items(model, target, fmt, items, seed=seed)
 
     def setting(name: str, v: np.ndarray) -> Setting:
         directions = torch.zeros(n_layers, d)
@@ -175,8 +173,8 @@ def adapt(model, vectors: Mapping[str, object], target, layer: int | None = None
     base_ok, base_p = stats(prefix_option_logprobs(model, prefix, q, o, batch_size=batch_size)[0])
     passes = {"search": 0, "baselines": 0}
 
-    def evaluate_many(named: list[Setting]) -> list[float]:
-        passes["search" if len(named) == 1 else "baselines"] += len(named) * len(q)
+    def evaluate_many(named: list[Setting], spent_on: str = "baselines") -> list[float]:
+        passes[spent_on] += len(named) * len(q)
         scores = prefix_option_logprobs(model, prefix, q, o, named, batch_size=batch_size)
         out = []
         for sc in scores:
@@ -185,7 +183,8 @@ def adapt(model, vectors: Mapping[str, object], target, layer: int | None = None
         return out
 
     t0 = time.perf_counter()
-    alpha, trace = search(lambda a: evaluate_many([setting("s2a", a @ B)])[0], len(B), n_trials, bound, seed)
+    alpha, trace = search(lambda a: evaluate_many([setting("s2a", a @ B)], "search")[0], len(B), n_trials, bound,
+                          seed)
     search_s = time.perf_counter() - t0
     singles = [(i, s) for i in range(len(lib.names)) for s in strengths]
     single_j = evaluate_many([setting(f"{lib.names[i]}x{s}", s * lib.vectors[i]) for i, s in singles])
@@ -213,13 +212,9 @@ def adapt(model, vectors: Mapping[str, object], target, layer: int | None = None
              {"layer": layer, "strength": s_best, "vector": lib.names[i_best]}),
             ("uniform_mean", scores[3], len(prefix), shared + timings["uniform_mean"],
              {"layer": layer, "strength": s_mean})):
-        pred = sc.argmax(-1).tolist()
-        methods[name] = {"pred": pred, "correct": [int(p == y) for p, y in zip(pred, gold)],
-                         "prompt_tokens": plen + qlen, "seconds": secs, "setting": extra}
-    counts = np.bincount(gold, minlength=max(map(len, ot)))
+        methods[name] = method_record(sc, gold, plen + qlen, secs, extra)
     return {"target": target.name, "n_test": len(test), "gold": gold, "examples": [pos[id(e)] for e in few],
-            "chance": float(np.mean([1 / len(x) for x in ot])), "majority": float(counts.max() / len(gold)),
-            "methods": methods, "alpha": alpha.tolist(), "library": lib.names, "basis_kind": kind,
+            **label_baselines(gold, ot), "methods": methods, "alpha": alpha.tolist(), "library": lib.names, "basis_kind": kind,
             "basis_explained_variance": None if ratio is None else ratio.tolist(), "layer": layer,
             "trace": trace, "search_seconds": search_s,
             "scored_examples": passes, "objective": {"steer2adapt": max(t["objective"] for t in trace),
@@ -249,10 +244,10 @@ def random_library(library_vectors: Mapping[str, object], seed: int = 0) -> dict
     kept, so the same families are left out)."""
     from castlens.vectors import random_like
 
+    import torch
+
     out = {}
     for i, (name, v) in enumerate(library_vectors.items()):
-        import torch
-
         d = torch.as_tensor(np.asarray(getattr(v, "directions", v)), dtype=torch.float32)
         out[name] = random_like(d, seed=10_000 * (seed + 1) + i).numpy()
     return out
@@ -266,7 +261,7 @@ def run_compose(model, library_vectors: Mapping[str, object], targets: Sequence,
     from pathlib import Path
 
     from castlens import plots
-    from castlens.transfer import _write_json, summarize
+    from castlens.transfer import _write_json, results_csv, summarize
     from castlens.vectors import _atomic_write
 
     out = Path(out)
@@ -288,18 +283,10 @@ def run_compose(model, library_vectors: Mapping[str, object], targets: Sequence,
         z, s = (np.mean(part["methods"][m]["correct"]) for m in ("zero_shot", "steer2adapt"))
         log(f"  zero-shot {100 * z:.1f}%, Steer2Adapt {100 * s:.1f}%; alpha {np.round(part['alpha'], 2).tolist()}")
     rows = summarize(parts, n_boot=n_boot, methods=ADAPT_METHODS, refs=(("zero_shot", "zero"), ("icl_examples", "icl")))
-    import csv
-    import io
-
     cols = ["target", "method", "accuracy", "ci_lo", "ci_hi", "macro_f1", "delta_zero", "delta_zero_lo",
             "delta_zero_hi", "delta_zero_noise", "delta_icl", "delta_icl_lo", "delta_icl_hi", "delta_icl_noise",
             "prompt_tokens", "n_test"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, cols, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{r[k]:.4f}" if isinstance(r.get(k), float) else r.get(k, "")) for k in cols})
-    _atomic_write(out / "results.csv", buf.getvalue().encode())
+    _atomic_write(out / "results.csv", results_csv(rows, cols).encode())
     names = sorted({n for p in parts for n in p["library"]}, key=lambda n: list(library_vectors).index(n))
     coef = np.full((len(parts), len(names)), np.nan)
     for i, p in enumerate(parts):

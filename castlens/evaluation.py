@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from castlens.activations import HOOK, StopForward, check_lengths, length_sorted_batches, pad_batch, tokenize
-from castlens.models import residual_stream_only, tokenizer_of
+from castlens.models import pad_id, residual_stream_only, tokenizer_of
 
 
 def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], options: Sequence[Sequence[str]],
@@ -52,7 +52,7 @@ def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], opt
             where.append((i, j, len(ids), len(cont)))
     check_lengths(model, rows)
     out = torch.full((len(prompts), max(len(o) for o in options)), float("-inf"))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(model)
     batches = length_sorted_batches(rows, batch_size)
     device = next(model.parameters()).device
     final = HOOK.format(layer=model.cfg.n_layers - 1)

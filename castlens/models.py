@@ -216,6 +216,12 @@ def tokenizer_of(model: Any) -> Any:
     return getattr(model, "castlens_tokenizer", None) or model.tokenizer
 
 
+def pad_id(model: Any) -> int:
+    """The id castlens pads with: the tokenizer's pad token, else 0 (padded positions are always masked)."""
+    pad = tokenizer_of(model).pad_token_id
+    return 0 if pad is None else int(pad)
+
+
 def model_name(model: Any) -> str:
     """The castlens name of a loaded model (falls back to the bridge's own model name)."""
     return getattr(model, "castlens_name", None) or str(getattr(model.cfg, "model_name", "unknown"))

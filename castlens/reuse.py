@@ -36,7 +36,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from castlens.activations import HOOK, StopForward, check_lengths, length_sorted_batches
-from castlens.models import residual_stream_only, tokenizer_of
+from castlens.models import pad_id, residual_stream_only
 from castlens.steering import steering
 
 KV = list[tuple[Tensor, Tensor]]
@@ -56,11 +56,6 @@ class Setting:
 
 
 UNSTEERED = Setting("unsteered")
-
-
-def _pad_id(model) -> int:
-    pad = tokenizer_of(model).pad_token_id
-    return 0 if pad is None else int(pad)
 
 
 def _forward(model, ids: Tensor, mask: Tensor, pos: Tensor, kv: KV | DynamicCache | None, read: list[tuple[int, int, int]] | None,
@@ -154,7 +149,7 @@ def _layout(model, p: int, seqs: list[list[int]]) -> tuple[Tensor, Tensor, Tenso
     """Ids, attention mask (over prefix + sequences) and position ids for ``seqs`` placed after a prefix of
     ``p`` tokens, left-padded between prefix and sequence."""
     b, width = len(seqs), max(len(x) for x in seqs)
-    ids = torch.full((b, width), _pad_id(model), dtype=torch.long)
+    ids = torch.full((b, width), pad_id(model), dtype=torch.long)
     smask = torch.zeros((b, width), dtype=torch.long)
     pos = torch.ones((b, width), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -242,7 +237,7 @@ def prefix_option_logprobs(model, prefix_ids: Sequence[int], query_ids: Sequence
             raise ValueError(f"setting {s.name!r}: layer {s.layer} out of range")
     n_opt = max(len(o) for o in option_ids)
     out = torch.full((len(settings), len(query_ids), n_opt), float("-inf"))
-    pad = _pad_id(model)
+    pad = pad_id(model)
     batches = length_sorted_batches(query_ids, batch_size)
     with torch.inference_mode(), residual_stream_only(model):
         t0 = clock()

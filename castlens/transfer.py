@@ -205,14 +205,30 @@ def _split_dev(task: Task, dev: int, shots: int, seed: int) -> tuple[list[Exampl
     return train[:k], train[k:]
 
 
-def _score(model, prefix, queries, options, settings, batch_size, timings=None):
-    return prefix_option_logprobs(model, prefix, queries, options, settings, batch_size=batch_size,
-                                  timings=timings)
+def encode_items(model, task: Task, fmt: PromptFormat, items: Sequence[Example], n_candidates: int = 4,
+                 seed: int = 0) -> tuple[list[list[int]], list[list[list[int]]], list[int]]:
+    """Query token ids, option token ids per query (``" " + option``) and gold option indices of ``items``."""
+    opts = [options_for(task, e, fmt, n_candidates, seed) for e in items]
+    return ([_enc(model, fmt.render(e, False)) for e in items],
+            [[_enc(model, " " + o) for o in texts] for texts, _ in opts], [g for _, g in opts])
 
 
 def _correct(scores: torch.Tensor, gold: Sequence[int]) -> tuple[list[int], list[int]]:
     pred = scores.argmax(-1).tolist()
     return pred, [int(p == g) for p, g in zip(pred, gold)]
+
+
+def method_record(scores: torch.Tensor, gold: Sequence[int], prompt_tokens: float, seconds: float,
+                  setting: dict | None = None) -> dict:
+    """One method's entry of a part: predictions, per-item correctness, prompt tokens per query, seconds."""
+    pred, corr = _correct(scores, gold)
+    return {"pred": pred, "correct": corr, "prompt_tokens": prompt_tokens, "seconds": seconds, "setting": setting}
+
+
+def label_baselines(gold: Sequence[int], options: Sequence[Sequence]) -> dict:
+    """Chance (mean 1/#options) and majority-class accuracy of a test split."""
+    counts = np.bincount(gold, minlength=max(map(len, options)))
+    return {"chance": float(np.mean([1 / len(x) for x in options])), "majority": float(counts.max() / len(gold))}
 
 
 def sweep_settings(vectors: dict[str, SteeringVector], layers: Sequence[int], strengths: Sequence[float]
@@ -240,9 +256,7 @@ def run_target(model, cfg: TransferConfig, target: Task, vectors: dict[str, Stee
     layers = list(cfg.layers or default_layers(model.cfg.n_layers))
 
     def encode(items):
-        opts = [options_for(target, e, fmt, cfg.n_candidates, cfg.seed) for e in items]
-        return ([_enc(model, fmt.render(e, False)) for e in items],
-                [[_enc(model, " " + o) for o in texts] for texts, _ in opts], [g for _, g in opts])
+        return encode_items(model, target, fmt, items, cfg.n_candidates, cfg.seed)
 
     zero_prefix = _prefix(model, [fmt.instruction], fmt)
     settings = sweep_settings(vectors, layers, cfg.strengths)
@@ -250,7 +264,7 @@ def run_target(model, cfg: TransferConfig, target: Task, vectors: dict[str, Stee
     if dev:
         q, o, g = encode(dev)
         t0 = time.perf_counter()
-        scores = _score(model, zero_prefix, q, o, [UNSTEERED, *settings], batch_size)
+        scores = prefix_option_logprobs(model, zero_prefix, q, o, [UNSTEERED, *settings], batch_size=batch_size)
         lp = torch.log_softmax(scores.clamp_min(-1e30), -1)  # normalised over options, for the tie-break
         gold_lp = lp[:, torch.arange(len(g)), torch.tensor(g)].mean(-1)
         for i, s in enumerate([UNSTEERED, *settings]):
@@ -279,15 +293,15 @@ def run_target(model, cfg: TransferConfig, target: Task, vectors: dict[str, Stee
     q, o, gold = encode(test)
     methods: dict[str, dict] = {}
 
+    qlen = float(np.mean([len(x) for x in q]))
+
     def add(name, scores, prefix_len, seconds, setting=None):
-        pred, corr = _correct(scores, gold)
-        methods[name] = {"pred": pred, "correct": corr, "prompt_tokens": prefix_len + float(np.mean(list(map(len, q)))),
-                         "seconds": seconds, "setting": setting}
+        methods[name] = method_record(scores, gold, prefix_len + qlen, seconds, setting)
 
     test_settings = [UNSTEERED] + [Setting(c, vectors[c].directions, chosen[c]["layer"], chosen[c]["strength"],
                                            CONSTRUCTIONS[c]) for c in CONSTRUCTIONS]
     timings: dict = {}
-    scores = _score(model, zero_prefix, q, o, test_settings, batch_size, timings)
+    scores = prefix_option_logprobs(model, zero_prefix, q, o, test_settings, batch_size=batch_size, timings=timings)
     shared = timings["prefix"] + timings["body"]
     add("zero_shot", scores[0], len(zero_prefix), shared + timings["unsteered"])
     for i, c in enumerate(CONSTRUCTIONS, 1):
@@ -297,7 +311,7 @@ def run_target(model, cfg: TransferConfig, target: Task, vectors: dict[str, Stee
                              task=target.name)
         prefix = _prefix(model, [fmt.instruction, *(fmt.render(d, True) for d in demos)], fmt)
         t0 = time.perf_counter()
-        add("icl_in_task", _score(model, prefix, q, o, [UNSTEERED], batch_size)[0], len(prefix),
+        add("icl_in_task", prefix_option_logprobs(model, prefix, q, o, batch_size=batch_size)[0], len(prefix),
             time.perf_counter() - t0)
     src = {name: load_task(name) for name in {s["task"] for s in record["samples"]}}
     samples = [src[s["task"]].train[s["train_index"]] for s in record["samples"]]
@@ -307,12 +321,10 @@ def run_target(model, cfg: TransferConfig, target: Task, vectors: dict[str, Stee
     blocks = [src_fmts[record["samples"][i]["task"]].render(samples[i], True) for i in picked]
     prefix = _prefix(model, [*blocks, fmt.instruction], fmt)
     t0 = time.perf_counter()
-    add("icl_cross_task", _score(model, prefix, q, o, [UNSTEERED], batch_size)[0], len(prefix),
+    add("icl_cross_task", prefix_option_logprobs(model, prefix, q, o, batch_size=batch_size)[0], len(prefix),
         time.perf_counter() - t0)
-    counts = np.bincount(gold, minlength=max(map(len, o)))
     return {"target": target.name, "n_test": len(test), "n_dev": len(dev), "gold": gold,
-            "n_options": max(map(len, o)), "majority": float(counts.max() / len(gold)),
-            "chance": float(np.mean([1 / len(x) for x in o])), "chosen": chosen, "sweep": sweep, "layers": layers,
+            "n_options": max(map(len, o)), **label_baselines(gold, o), "chosen": chosen, "sweep": sweep, "layers": layers,
             "methods": methods}
 
 
@@ -377,15 +389,16 @@ RESULT_COLUMNS = ["target", "method", "accuracy", "ci_lo", "ci_hi", "macro_f1", 
                   "delta_cross_icl_noise", "prompt_tokens", "layer", "strength", "n_test", "chance", "majority"]
 
 
-def results_csv(rows: Sequence[dict]) -> str:
+def results_csv(rows: Sequence[dict], columns: Sequence[str] = RESULT_COLUMNS) -> str:
+    """``rows`` as CSV with ``columns`` (floats to 4 decimals, missing cells empty)."""
     import csv
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, RESULT_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, list(columns), lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (f"{r[k]:.4f}" if isinstance(r.get(k), float) else r.get(k, "")) for k in RESULT_COLUMNS})
+        w.writerow({k: (f"{r[k]:.4f}" if isinstance(r.get(k), float) else r.get(k, "")) for k in columns})
     return buf.getvalue()
 
 
