@@ -227,7 +227,7 @@ def write_report(c: Collected, s: dict, out: str | os.PathLike, png: bool | None
             print(f"note: writing HTML figures only; for PNGs: {plots.PNG_EXPORT_FIX}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    b, L, layers = s["best_layer"], s["n_layers"], list(range(s["n_layers"]))
+    b, layers = s["best_layer"], list(range(s["n_layers"]))
     who = (f"{s['model']}; {len(s['tasks'])} tasks ({', '.join(s['tasks'])}); {s['n_per_task']} queries per task, "
            f"{s['shots']} demonstrations; last token, blocks.L.hook_resid_post")
     cc = s["cross_task_cosine"]

@@ -44,12 +44,14 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from castlens.activations import tokenize
 from castlens.models import model_name, tokenizer_of
@@ -140,36 +142,53 @@ def candidate_pool(sources: Sequence[Task], shots: int, seed: int, per_source: i
     return out
 
 
+def sample_diffs(model, sources: Sequence[Task], samples: Sequence[tuple[str, Example]], shots: int, seed: int = 0,
+                 batch_size: int = 16, progress: bool | None = None
+                 ) -> tuple[Float[Tensor, "sample layer d_model"], list[tuple[str, Example]], int]:
+    """Per-sample contrastive activations ``few_i - zero_i`` at the last token, every layer (CAST Eq. 2).
+
+    A sample's few-shot prompt is its source task's instruction + that task's fixed ``shots`` demonstrations +
+    the sample's query, its zero-shot prompt the instruction + query; the few-shot half shares one prefix per
+    source (run once, :mod:`castlens.reuse`). Returns the differences grouped by source task (in ``sources``
+    order, each task's samples in their given order), that order, and the number of tokens processed."""
+    demos = _source_demos(sources, shots, seed)
+    few, zero, order, tokens = [], [], [], 0
+    for t in sources:
+        fmt = default_format(t)
+        mine = [(name, e) for name, e in samples if name == t.name]
+        if not mine:
+            continue
+        qs = [_enc(model, fmt.render(e, False)) for _, e in mine]
+        few_prefix = _prefix(model, [fmt.instruction, *(fmt.render(d, True) for d in demos[t.name])], fmt)
+        zero_prefix = _prefix(model, [fmt.instruction], fmt)
+        few.append(prefix_last_token_resid(model, few_prefix, qs, batch_size=batch_size, progress=progress))
+        zero.append(prefix_last_token_resid(model, zero_prefix, qs, batch_size=batch_size, progress=progress))
+        order += mine
+        tokens += len(few_prefix) + len(zero_prefix) + 2 * sum(map(len, qs))
+    unknown = {name for name, _ in samples} - {t.name for t in sources}
+    if unknown or not order:
+        raise TaskError(f"samples name tasks that are not sources: {sorted(unknown)}" if unknown
+                        else "no source samples given")
+    return torch.cat(few) - torch.cat(zero), order, tokens
+
+
 def source_vectors(model, sources: Sequence[Task], n: int, shots: int, seed: int = 0, method: str = "random",
                    batch_size: int = 16, progress: bool | None = None,
                    samples: list[tuple[str, Example]] | None = None) -> tuple[dict[str, SteeringVector], dict]:
-    """The four constructions from the same ``n`` selected source samples, and a record of the samples and cost.
-
-    Each source task gets one fixed set of ``shots`` demonstrations; a sample's few-shot prompt is that task's
-    instruction + demonstrations + the sample's query, its zero-shot prompt the instruction + query, so the
-    few-shot half shares one prefix per source (run once, :mod:`castlens.reuse`). ``samples``: use these source
-    samples instead of drawing ``n`` at random."""
+    """The four constructions from the same ``n`` selected source samples (differences by :func:`sample_diffs`),
+    and a record of the samples and cost. ``samples``: use these source samples instead of drawing ``n`` with
+    ``method``."""
     t0 = time.perf_counter()
-    fmts = {t.name: default_format(t) for t in sources}
     demos = _source_demos(sources, shots, seed)
     chosen = samples if samples is not None else \
         select(method, sources, n, seed=seed, exclude={k: {d.input for d in v} for k, v in demos.items()})
-    few, zero, tv, tokens = [], [], [], 0
-    order = []
+    diffs, order, tokens = sample_diffs(model, sources, chosen, shots, seed, batch_size, progress)
+    tv = []
     for t in sources:
-        fmt = fmts[t.name]
-        qs = [_enc(model, fmt.render(e, False)) for name, e in chosen if name == t.name]
+        fmt = default_format(t)
         few_prefix = _prefix(model, [fmt.instruction, *(fmt.render(d, True) for d in demos[t.name])], fmt)
-        zero_prefix = _prefix(model, [fmt.instruction], fmt)
         tv.append(prefix_last_token_resid(model, few_prefix, [_enc(model, fmt.render(Example(DUMMY_QUERY, ""),
                                                                                       False))])[0])
-        if not qs:
-            continue
-        few.append(prefix_last_token_resid(model, few_prefix, qs, batch_size=batch_size, progress=progress))
-        zero.append(prefix_last_token_resid(model, zero_prefix, qs, batch_size=batch_size, progress=progress))
-        order += [(name, e) for name, e in chosen if name == t.name]
-        tokens += len(few_prefix) + len(zero_prefix) + 2 * sum(map(len, qs))
-    diffs = torch.cat(few) - torch.cat(zero)
     mean = diffs.mean(0)
     meta = dict(model=model_name(model), task="sources:" + ",".join(t.name for t in sources), n_samples=n,
                 shots=shots, seed=seed, prompts=[{"task": name, "query": e.input} for name, e in order])
@@ -247,6 +266,24 @@ def _best(rows: list[dict], construction: str) -> dict:
     return max(cands, key=lambda r: (round(r["dev_accuracy"], 9), r["dev_gold_logprob"], -cands.index(r)))
 
 
+def borrowed_settings(target: str, others: Sequence[dict], constructions: Sequence[str]) -> dict[str, dict]:
+    """For a target without a dev split: per construction, the (layer, strength) with the best mean dev accuracy
+    over the finished ``others`` that have a sweep (ties: the earlier setting)."""
+    donors = [p for p in others if p["sweep"]]
+    if not donors:
+        raise TaskError(f"target {target!r} has no train split to tune on, and no other target of this run has a "
+                        "dev sweep to borrow a setting from")
+    chosen = {}
+    for c in constructions:
+        keys = [(r["layer"], r["strength"]) for r in donors[0]["sweep"] if r["construction"] == c]
+        acc = {k: np.mean([next(r["dev_accuracy"] for r in p["sweep"] if r["construction"] == c and
+                                (r["layer"], r["strength"]) == k) for p in donors]) for k in keys}
+        k = max(keys, key=lambda k: (round(acc[k], 9), -keys.index(k)))
+        chosen[c] = {"construction": c, "layer": k[0], "strength": k[1], "dev_accuracy": float(acc[k]),
+                     "borrowed_from": [p["target"] for p in donors]}
+    return chosen
+
+
 def run_target(model, cfg: TransferConfig, target: Task, vectors: dict[str, SteeringVector], record: dict,
                others: Sequence[dict] = (), batch_size: int = 16, log=print) -> dict:
     """All methods on one target; returns the JSON-ready part (predictions per test item, sweep, costs)."""
@@ -276,19 +313,9 @@ def run_target(model, cfg: TransferConfig, target: Task, vectors: dict[str, Stee
         log(f"  dev sweep: {len(dev)} items x {len(settings)} settings in {time.perf_counter() - t0:.0f}s")
         chosen = {c: _best(sweep, c) for c in CONSTRUCTIONS}
     else:
-        donors = [p for p in others if p["sweep"]]
-        if not donors:
-            raise TaskError(f"target {target.name!r} has no train split to tune on, and no other target of this "
-                            "run has a dev sweep to borrow a setting from")
-        chosen = {}
-        for c in CONSTRUCTIONS:  # best mean dev accuracy over the other targets
-            keys = [(r["layer"], r["strength"]) for r in donors[0]["sweep"] if r["construction"] == c]
-            acc = {k: np.mean([next(r["dev_accuracy"] for r in p["sweep"] if r["construction"] == c and
-                                    (r["layer"], r["strength"]) == k) for p in donors]) for k in keys}
-            k = max(keys, key=lambda k: (round(acc[k], 9), -keys.index(k)))
-            chosen[c] = {"construction": c, "layer": k[0], "strength": k[1], "dev_accuracy": float(acc[k]),
-                         "borrowed_from": [p["target"] for p in donors]}
-        log(f"  no train split: settings borrowed from the dev sweeps of {', '.join(p['target'] for p in donors)}")
+        chosen = borrowed_settings(target.name, others, list(CONSTRUCTIONS))
+        donors = next(iter(chosen.values()))["borrowed_from"]
+        log(f"  no train split: settings borrowed from the dev sweeps of {', '.join(donors)}")
 
     q, o, gold = encode(test)
     methods: dict[str, dict] = {}
@@ -384,6 +411,19 @@ def summarize(parts: Sequence[dict], n_boot: int = 1000, seed: int = 0, methods:
     return rows
 
 
+def paired_delta(parts: Sequence[dict], a: str, b: str, n_boot: int = 1000, seed: int = 0
+                 ) -> tuple[float, float, float]:
+    """Mean over ``parts`` of accuracy(``a``) - accuracy(``b``), with a paired bootstrap 95% interval: items are
+    resampled within each part, the same draw for both methods and the same draws as :func:`summarize`."""
+    draws, point = [], []
+    for p in parts:
+        x = np.asarray(p["methods"][a]["correct"], float) - np.asarray(p["methods"][b]["correct"], float)
+        draws.append(x[_boot_index(p["n_test"], n_boot, seed)].mean(1))
+        point.append(x.mean())
+    lo, hi = np.percentile(np.mean(draws, 0), [2.5, 97.5])
+    return float(np.mean(point)), float(lo), float(hi)
+
+
 RESULT_COLUMNS = ["target", "method", "accuracy", "ci_lo", "ci_hi", "macro_f1", "delta_zero", "delta_zero_lo",
                   "delta_zero_hi", "delta_zero_noise", "delta_cross_icl", "delta_cross_icl_lo", "delta_cross_icl_hi",
                   "delta_cross_icl_noise", "prompt_tokens", "layer", "strength", "n_test", "chance", "majority"]
@@ -439,6 +479,40 @@ def _write_json(path: Path, obj) -> None:
     _atomic_write(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
+def open_run(out: Path, cfg) -> None:
+    """Start a run in ``out`` (writes ``config.json``) or check that the run there has the same config (keys
+    added to the config dataclass since that run count with their defaults); refuses a different config."""
+    conf = out / "config.json"
+    now = json.loads(json.dumps(cfg.to_dict()))
+    if not conf.exists():
+        _write_json(conf, cfg.to_dict())
+        return
+    defaults = type(cfg)(model=cfg.model, sources=cfg.sources, targets=cfg.targets).to_dict()
+    old = {**json.loads(json.dumps(defaults)), **json.loads(conf.read_text())}
+    if old != now:
+        diff = {k: (old.get(k), v) for k, v in now.items() if old.get(k) != v}
+        raise ValueError(f"{out} holds a run with a different config ({diff}); use another --out")
+
+
+def resumable_parts(out: Path, targets: Sequence[Task], limit: int | None, compute, log=print) -> dict[str, dict]:
+    """Per target (those with a train split first, so a test-only target can borrow their dev settings), the
+    finished ``out/parts/<target>.part.json`` if there is one (never rewritten), else ``compute(target, parts
+    finished so far)``, written atomically. Returns {target name: part}."""
+    parts: dict[str, dict] = {}
+    for i, t in enumerate(sorted(targets, key=lambda t: not t.train), 1):
+        path = out / "parts" / f"{t.name}.part.json"
+        if path.exists():
+            parts[t.name] = json.loads(path.read_text())
+            log(f"[{i}/{len(targets)}] {t.name}: finished earlier, kept")
+            continue
+        t0 = time.perf_counter()
+        log(f"[{i}/{len(targets)}] {t.name}: {len(t.test[:limit])} test items")
+        parts[t.name] = compute(t, list(parts.values()))
+        _write_json(path, parts[t.name])
+        log(f"  done in {time.perf_counter() - t0:.0f}s")
+    return parts
+
+
 def run_transfer(model, cfg: TransferConfig, out: str | Path, batch_size: int = 16, png: bool | None = None,
                  log=print) -> list[dict]:
     """The whole run into ``out``: ``config.json``, ``vectors.safetensors``, ``parts/<target>.part.json`` (one per
@@ -454,15 +528,7 @@ def run_transfer(model, cfg: TransferConfig, out: str | Path, batch_size: int = 
         raise TaskError(f"tasks {sorted(overlap)} are both source and target")
     for stale in [*out.glob(".*.tmp"), *out.glob("parts/.*.tmp")]:  # left by a killed run; never a result
         stale.unlink()
-    conf = out / "config.json"
-    if conf.exists():
-        defaults = TransferConfig(model=cfg.model, sources=cfg.sources, targets=cfg.targets).to_dict()
-        old = {**json.loads(json.dumps(defaults)), **json.loads(conf.read_text())}  # keys added since: defaults
-        if old != json.loads(json.dumps(cfg.to_dict())):
-            diff = {k: (old.get(k), v) for k, v in json.loads(json.dumps(cfg.to_dict())).items() if old.get(k) != v}
-            raise ValueError(f"{out} holds a run with a different config ({diff}); use another --out")
-    else:
-        _write_json(conf, cfg.to_dict())
+    open_run(out, cfg)
     from castlens.selection import SELECTION_METHODS
 
     if cfg.select not in SELECTION_METHODS:
@@ -473,16 +539,8 @@ def run_transfer(model, cfg: TransferConfig, out: str | Path, batch_size: int = 
                                batch_size, log)
     else:
         pool, pool_emb = _embedded_pool(model, cfg, sources, out, batch_size, log)
-    parts: dict[str, dict] = {}
-    ordered = sorted(targets, key=lambda t: not t.train)  # targets with a dev split first
-    for i, t in enumerate(ordered, 1):
-        path = out / "parts" / f"{t.name}.part.json"
-        if path.exists():
-            parts[t.name] = json.loads(path.read_text())
-            log(f"[{i}/{len(targets)}] {t.name}: finished earlier, kept")
-            continue
-        t0 = time.perf_counter()
-        log(f"[{i}/{len(targets)}] {t.name}: {len(t.test[: cfg.limit])} test items")
+
+    def compute(t: Task, done: list[dict]) -> dict:
         if shared is not None:
             vectors, record = shared
         else:
@@ -490,13 +548,12 @@ def run_transfer(model, cfg: TransferConfig, out: str | Path, batch_size: int = 
                 model, cfg, sources, out / "vectors" / f"{t.name}.safetensors",
                 out / "vectors" / f"{t.name}.sources.json",
                 _selected(model, cfg, t, pool, pool_emb, batch_size), batch_size, log)
-        part = run_target(model, cfg, t, vectors, record, others=list(parts.values()), batch_size=batch_size,
-                          log=log)
-        _write_json(path, part)
-        parts[t.name] = part
-        z = np.mean(part["methods"]["zero_shot"]["correct"])
-        c = np.mean(part["methods"]["cast_mean_diff"]["correct"])
-        log(f"  done in {time.perf_counter() - t0:.0f}s: zero-shot {100 * z:.1f}%, CAST {100 * c:.1f}%")
+        part = run_target(model, cfg, t, vectors, record, others=done, batch_size=batch_size, log=log)
+        z, c = (np.mean(part["methods"][m]["correct"]) for m in ("zero_shot", "cast_mean_diff"))
+        log(f"  zero-shot {100 * z:.1f}%, CAST {100 * c:.1f}%")
+        return part
+
+    parts = resumable_parts(out, targets, cfg.limit, compute, log)
     ordered_parts = [parts[t] for t in cfg.targets]
     rows = summarize(ordered_parts, cfg.n_boot, cfg.seed)
     records = [json.loads(p.read_text()) for p in sorted((out / "vectors").glob("*.sources.json"))] \

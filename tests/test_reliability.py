@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from castlens.activations import PromptTooLongError, last_token_resid
 from castlens.steering import steering
-from castlens.tasks import TaskError, task_from_dict
-from castlens.vectors import SteeringVector, VectorFileError, load_vectors, save_vectors
+from castlens.tasks import TaskError
+from castlens.vectors import SteeringVector, load_vectors, save_vectors
 
 ROOT = Path(__file__).parents[1]
 PROPS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

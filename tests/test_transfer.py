@@ -148,3 +148,23 @@ def test_graph_selection_chooses_per_target_vectors(tmp_path, tiny):
     assert (out / "candidates.safetensors").exists() and (out / "results.csv").exists()
     with pytest.raises(ValueError, match="unknown selection method"):
         _run(tmp_path, tiny, "h", select="magic")
+
+
+def test_paired_delta_against_a_manual_paired_bootstrap():
+    rng = np.random.default_rng(1)
+    parts = []
+    for n in (30, 50):
+        a, b = rng.integers(0, 2, n), rng.integers(0, 2, n)
+        parts.append({"n_test": n, "methods": {"a": {"correct": a.tolist()}, "b": {"correct": b.tolist()}}})
+    d, lo, hi = tr.paired_delta(parts, "a", "b", n_boot=400, seed=5)
+    draws = []
+    for p in parts:
+        idx = np.random.default_rng(5).integers(0, p["n_test"], size=(400, p["n_test"]))
+        x = np.asarray(p["methods"]["a"]["correct"]) - np.asarray(p["methods"]["b"]["correct"])
+        draws.append(x[idx].mean(1))
+    assert d == pytest.approx(np.mean([np.mean(np.subtract(p["methods"]["a"]["correct"], p["methods"]["b"]["correct"]))
+                                       for p in parts]))
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(np.mean(draws, 0), [2.5, 97.5])))
+    same = tr.paired_delta([{"n_test": 4, "methods": {"a": {"correct": [1, 0, 1, 1]}, "b": {"correct": [1, 0, 1, 1]}}}],
+                           "a", "b")
+    assert same == (0.0, 0.0, 0.0)

@@ -5,7 +5,7 @@ import torch
 from conftest import hf_last_token_states
 
 from castlens.activations import tokenize
-from castlens.models import load_model, tiny_hf_model
+from castlens.models import tiny_hf_model
 from castlens.prompts import contrastive_pairs
 from castlens.tasks import load_task
 from castlens.vectors import SteeringVector, VectorFileError, compute_vectors, load_vectors, save_vectors, task_vector
