@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench figures transfer-figures compose-figures clean
+.PHONY: setup demo test test-fast bench figures transfer-figures compose-figures selection-figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,12 +52,17 @@ transfer-figures: $(STAMP)
 	$(TRANSFER) --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --out figures/transfer_cross_domain
 	$(TRANSFER) --sources mnli,xnli_en,pawsx_en,sst2 --targets xnli_zh,xnli_fr,xnli_de,pawsx_zh,pawsx_de,marc_zh,eprstmt_zh --out figures/transfer_cross_lingual
 
+# Source-sample selection (CAST Sec. 3.2): random / relevance / diversity / cast selection at 32 samples on the 5 CAST
+# targets, and accuracy against 4..128 samples for CAST vectors and for cross-task ICL with the same samples.
+selection-figures: $(STAMP)
+	$(VENV)/bin/castlens selection-study --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --out figures/selection_study
+
 # Steer2Adapt: per-task CAST vectors of the 8 CAST source tasks form the library; each held-out target (with a
 # train split for its 12 examples) is adapted with the vectors of the other task families.
 compose-figures: $(STAMP)
 	$(VENV)/bin/castlens vectors --tasks $(CAST_SOURCES) --n 32 --shots 4 --out figures/steer2adapt/library
 	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --out figures/steer2adapt
-	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --random-library --out figures/steer2adapt_random_library
+	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --random-library --compare-to figures/steer2adapt --out figures/steer2adapt_random_library
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -2,7 +2,9 @@
 
 Data flows one way: models and tasks/prompts -> activations -> vectors -> geometry or steering -> evaluation ->
 plots; ``reuse`` (shared prefixes, last-token sweeps) serves activations and evaluation, ``transfer`` runs the
-CAST comparison and ``selection`` chooses source samples. Importing castlens is cheap: torch and transformer_lens load only when a function that needs them is used.
+CAST comparison, ``selection`` chooses source samples and ``source_samples`` tests which and how many (the
+selection ablation and the scaling curve against cross-task ICL); ``compose`` is Steer2Adapt. Importing castlens
+is cheap: torch and transformer_lens load only when a function that needs them is used.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _EXPORTS = {
     "option_logprobs": "castlens.evaluation", "generate": "castlens.steering",
     "prefix_option_logprobs": "castlens.reuse", "prefix_last_token_resid": "castlens.reuse",
     "TransferConfig": "castlens.transfer", "run_transfer": "castlens.transfer",
+    "StudyConfig": "castlens.source_samples", "run_study": "castlens.source_samples",
 }
 
 

@@ -5,12 +5,14 @@
     castlens analyze --model M --tasks a,b,c --n N --shots K --out DIR   parallel-direction analysis
     castlens transfer --model M --sources a,b --targets x,y --n N --shots K --out DIR   CAST vs baselines
     castlens compose --library FILES --targets x,y --examples 12 --out DIR   Steer2Adapt
+    castlens selection-study --sources a,b --targets x,y --out DIR   selection ablation and sample scaling
     castlens demo --out DIR                          the main job on the embedded default model
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -160,6 +162,12 @@ def _transfer(model_name_: str, sources, targets, n, shots, out: Path, dev=64, l
     t0 = time.perf_counter()
     rows = run_transfer(model, cfg, out, batch_size=batch_size, png=png)
     print(f"transfer finished in {time.perf_counter() - t0:.0f}s; table: {out / 'results.md'}")
+    _print_means(rows)
+    return rows
+
+
+def _print_means(rows) -> None:
+    """The rows averaged over targets: accuracy, interval and the difference to zero-shot where there is one."""
     for r in rows:
         if r["target"].startswith("mean"):
             d = r.get("delta_zero")
@@ -167,7 +175,6 @@ def _transfer(model_name_: str, sources, targets, n, shots, out: Path, dev=64, l
                   f"[{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}]"
                   + ("" if d is None else f"   vs zero-shot {100 * d:+.1f} pts"
                      f"{' (inside the noise)' if r['delta_zero_noise'] else ''}"))
-    return rows
 
 
 def cmd_transfer(a: argparse.Namespace) -> int:
@@ -194,12 +201,28 @@ def cmd_compose(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = run_compose(model, lib, targets, Path(a.out), leave_out_family=not a.keep_family, n_boot=a.n_boot, note=note,
                        layer=a.layer, examples=a.examples, kind=a.basis, k=a.k, n_trials=a.trials, seed=a.seed,
-                       limit=a.limit, batch_size=a.batch_size)
+                       limit=a.limit, batch_size=a.batch_size, compare_to=a.compare_to)
     print(f"compose finished in {time.perf_counter() - t0:.0f}s; table: {Path(a.out) / 'results.md'}")
-    for r in rows:
-        if r["target"].startswith("mean"):
-            print(f"  {r['method']:<13} mean accuracy {100 * r['accuracy']:5.1f}% "
-                  f"[{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}]")
+    _print_means(rows)
+    return 0
+
+
+def cmd_selection_study(a: argparse.Namespace) -> int:
+    from castlens.models import load_model, model_name
+    from castlens.source_samples import StudyConfig, run_study
+
+    for t in [*a.sources, *a.targets]:  # a bad task name fails before the model loads
+        load_task(t, a.data_dir)
+    kw = dict(methods=a.methods, ablation_n=a.ablation_n, ns=a.ns, scale_methods=a.scale_methods, shots=a.shots,
+              dev=a.dev, limit=a.limit, icl_limit=a.icl_limit or None, strengths=a.strengths, pool=a.pool,
+              seed=a.seed, n_boot=a.n_boot, layers=a.layers)
+    StudyConfig(model="", sources=tuple(a.sources), targets=tuple(a.targets), **kw)  # bad options: before loading
+    model = load_model(a.model)
+    cfg = StudyConfig(model=model_name(model), sources=tuple(a.sources), targets=tuple(a.targets), **kw)
+    t0 = time.perf_counter()
+    ablation, scaling = run_study(model, cfg, Path(a.out), batch_size=a.batch_size, png=False if a.no_png else None)
+    print(f"selection study finished in {time.perf_counter() - t0:.0f}s; tables: {Path(a.out) / 'results.md'}")
+    _print_means(ablation)
     return 0
 
 
@@ -283,8 +306,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep-family", action="store_true", help="keep library vectors of the target's own family")
     c.add_argument("--random-library", action="store_true", help="control: replace every library vector by a "
                    "random one with the same norm per layer")
+    c.add_argument("--compare-to", default=None, help="a finished compose run on the same targets: write the "
+                   "paired difference of its accuracy minus this run's (comparison.md)")
     c.add_argument("--batch-size", type=int, default=32)
     c.set_defaults(func=cmd_compose)
+
+    ss = sub.add_parser("selection-study", help="CAST source-sample selection ablation and scaling against "
+                        "cross-task ICL")
+    common(ss)
+    targets_and_output(ss)
+    ss.add_argument("--sources", type=_task_list, required=True, help="comma-separated source tasks")
+    ss.add_argument("--methods", type=_task_list, default=("random", "relevance", "diversity", "cast"),
+                    help="selection methods of the ablation")
+    ss.add_argument("--ablation-n", type=int, default=32, help="source samples per vector in the ablation")
+    ss.add_argument("--ns", type=_numbers(int), default=(4, 8, 16, 32, 64, 128), help="sample counts to scale over")
+    ss.add_argument("--scale-methods", type=_task_list, default=("cast", "random"),
+                    help="selection methods with a scaling curve")
+    ss.add_argument("--icl-limit", type=int, default=200, help="test items of the scaling comparison with "
+                    "cross-task ICL (0: all)")
+    ss.add_argument("--shots", type=int, default=4, help="demonstrations per source few-shot prompt")
+    ss.add_argument("--dev", type=int, default=64, help="dev items per target, from its train split")
+    ss.add_argument("--layers", type=_numbers(int), default=None, help="layers to sweep")
+    ss.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0, 8.0))
+    ss.add_argument("--pool", type=int, default=200, help="candidates per source task")
+    ss.add_argument("--batch-size", type=int, default=16)
+    ss.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
+    ss.set_defaults(func=cmd_selection_study)
 
     d = sub.add_parser("demo", help="the analysis on the built-in tasks with small settings")
     common(d)
@@ -302,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "data_dir", None):  # every later load_task, inside the library too, reads this collection
+        os.environ["CASTLENS_DATA"] = args.data_dir
     try:
         return args.func(args)
     except (TaskError, ValueError) as err:  # bad input: one clear line, no traceback

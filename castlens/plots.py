@@ -413,6 +413,44 @@ def method_bars(
     return _finish(fig, title, caption, "", yaxis_title, width=1000)
 
 
+def scaling_curves(
+    x: Sequence[float],
+    curves: Mapping[str, Sequence[tuple[float, float, float]]],
+    baselines: Mapping[str, float] | None = None,
+    labels: Mapping[str, Sequence[str]] | None = None,
+    title: str = "Accuracy against the number of samples",
+    caption: str = "",
+    xaxis_title: str = "source samples (log scale)",
+    yaxis_title: str = "accuracy",
+) -> go.Figure:
+    """One line per curve over ``x`` (log2 axis), each point ``(value, lo, hi)`` drawn with a shaded interval
+    band; optional text per point (``labels[curve]``, e.g. how many demonstrations fit) and dashed baselines."""
+    xs = _arr(x, "x", 1)
+    if not curves:
+        raise ValueError("curves: expected at least one curve {name: [(value, lo, hi), ...]}, got none")
+    if (xs <= 0).any():
+        raise ValueError(f"x: a log axis needs positive values, got {xs.tolist()}")
+    fig = go.Figure()
+    for (label, pts), color in zip(curves.items(), _colors(len(curves))):
+        v = np.asarray(pts, dtype=float)
+        if v.ndim != 2 or v.shape[1] != 3:
+            raise ValueError(f"curves[{label!r}]: expected (value, lo, hi) per point, got shape {v.shape}")
+        _check_len(v[:, 0], len(xs), f"curves[{label!r}]")
+        fig.add_trace(go.Scatter(x=np.concatenate([xs, xs[::-1]]), y=np.concatenate([v[:, 2], v[::-1, 1]]),
+                                 fill="toself", fillcolor=_rgba(color, 0.15), line=dict(width=0),
+                                 hoverinfo="skip", showlegend=False))
+        text = list((labels or {}).get(label, []))
+        fig.add_trace(go.Scatter(x=xs, y=v[:, 0], name=str(label), line=dict(color=color),
+                                 mode="lines+markers+text" if text else "lines+markers", text=text or None,
+                                 textposition="top center", marker=dict(size=6)))
+    greys = ["#444", "#888", "#bbb"]
+    for i, (label, val) in enumerate((baselines or {}).items()):
+        fig.add_trace(go.Scatter(x=[xs.min(), xs.max()], y=[float(val)] * 2, mode="lines", name=str(label),
+                                 line=dict(color=greys[i % len(greys)], dash="dash", width=2)))
+    fig.update_xaxes(type="log", tickvals=xs.tolist(), ticktext=[f"{v:g}" for v in xs])
+    return _finish(fig, title, caption, xaxis_title, yaxis_title)
+
+
 def coefficient_heatmap(
     coef: Any,
     rows: Sequence[str],

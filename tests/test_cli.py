@@ -49,3 +49,16 @@ def test_json_lists_the_exact_prompt_pairs(tmp_path, tiny):
     instruction, query = rec["zero"].split("\n\n")
     assert rec["few"].startswith(instruction + "\n\n") and rec["few"].endswith("\n\n" + query)
     assert rec["few"].count("\nAnswer:") == 2 and rec["few_tokens"] > rec["zero_tokens"]
+
+
+def test_selection_study_command_and_its_bad_options(tmp_path, tiny, capsys):
+    args = ["selection-study", "--model", "tiny-llama", "--sources", "uppercase,first_item", "--targets", "plural",
+            "--ablation-n", "2", "--ns", "2,4", "--dev", "4", "--limit", "6", "--icl-limit", "3", "--layers", "1",
+            "--strengths", "2", "--pool", "6", "--n-boot", "50", "--no-png", "--out", str(tmp_path / "s")]
+    assert main(args) == 0
+    head = (tmp_path / "s" / "ablation.csv").read_text().splitlines()[0]
+    assert head.startswith("target,method,accuracy")
+    assert "cast@2" in capsys.readouterr().out
+    assert main([*args[:-1], str(tmp_path / "t"), "--methods", "cast,nearest"]) == 2
+    assert "unknown selection methods ['nearest']" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()  # refused before anything was written
