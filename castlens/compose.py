@@ -254,14 +254,16 @@ def random_library(library_vectors: Mapping[str, object], seed: int = 0) -> dict
 
 
 def run_compose(model, library_vectors: Mapping[str, object], targets: Sequence, out, leave_out_family: bool = True,
-                n_boot: int = 1000, log=print, note: str = "", **adapt_kw) -> list[dict]:
+                n_boot: int = 1000, log=print, note: str = "", compare_to=None, **adapt_kw) -> list[dict]:
     """:func:`adapt` on each target (resumable: one ``parts/<target>.part.json`` each, never rewritten), then
-    ``results.csv``, ``results.md``, ``coefficients.csv`` and a coefficient heatmap in ``out``."""
+    ``results.csv``, ``results.md``, ``coefficients.csv`` and a coefficient heatmap in ``out``. ``compare_to``:
+    a finished run on the same targets (e.g. the real library, when this run is the random-library control);
+    writes ``comparison.md`` with the paired difference of its Steer2Adapt accuracy minus this run's."""
     import json
     from pathlib import Path
 
     from castlens import plots
-    from castlens.transfer import _write_json, results_csv, summarize
+    from castlens.transfer import _fmt_delta, _write_json, results_csv, summarize
     from castlens.vectors import _atomic_write
 
     out = Path(out)
@@ -297,12 +299,6 @@ def run_compose(model, library_vectors: Mapping[str, object], targets: Sequence,
                                                                           for x in row) for p, row in zip(parts, coef)]
     _atomic_write(out / "coefficients.csv", ("\n".join(lines) + "\n").encode())
 
-    def cell(r, name):
-        if f"delta_{name}" not in r:
-            return ""
-        mark = " ~" if r[f"delta_{name}_noise"] else ""
-        return f"{100 * r[f'delta_{name}']:+.1f} [{100 * r[f'delta_{name}_lo']:+.1f}, {100 * r[f'delta_{name}_hi']:+.1f}]{mark}"
-
     md = ["# Steer2Adapt: composing library vectors for a held-out target" + (f" ({note})" if note else ""), "",
           f"Layer {parts[0]['layer']}, basis `{parts[0]['basis_kind']}`, {len(parts[0]['examples'])} labelled "
           f"examples per target, {len(parts[0]['trace'])} search trials; accuracy in % with 95% bootstrap "
@@ -311,16 +307,46 @@ def run_compose(model, library_vectors: Mapping[str, object], targets: Sequence,
           "|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['target']} | {r['method']} | {100 * r['accuracy']:.1f} [{100 * r['ci_lo']:.1f}, "
-                  f"{100 * r['ci_hi']:.1f}] | {cell(r, 'zero')} | {cell(r, 'icl')} | {r['prompt_tokens']:.0f} |")
+                  f"{100 * r['ci_hi']:.1f}] | {_fmt_delta(r, 'zero')} | {_fmt_delta(r, 'icl')} | {r['prompt_tokens']:.0f} |")
     md += ["", "Search cost per target: " + "; ".join(
         f"{p['target']} {p['scored_examples']['search']} example forwards ({p['search_seconds']:.0f}s)" for p in parts),
         "", "Coefficients (raw basis): `coefficients.csv`; single best library vector per target: " + "; ".join(
         f"{p['target']}: {p['methods']['single_best']['setting']['vector']} x"
         f"{p['methods']['single_best']['setting']['strength']:g}" for p in parts)]
     _atomic_write(out / "results.md", ("\n".join(md) + "\n").encode())
+    if compare_to is not None:
+        _atomic_write(out / "comparison.md", compare_runs(Path(compare_to), out, parts, n_boot).encode())
     png = plots.png_export_available()
     fig = plots.coefficient_heatmap(coef, [p["target"] for p in parts], names,
                                     title="Steer2Adapt coefficients: which library vectors serve which target",
                                     caption="Blank: left out (same family as the target).")
     plots.save_figure(fig, out / "coefficients", png=png)
     return rows
+
+
+def compare_runs(there, here, parts: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> str:
+    """Markdown: Steer2Adapt accuracy of the run in ``there`` minus that of ``parts`` (the run in ``here``) per
+    target and on average, with paired bootstrap intervals (the same test items in both runs, checked)."""
+    import json
+
+    from castlens.transfer import paired_delta
+
+    merged = []
+    for p in parts:
+        f = there / "parts" / f"{p['target']}.part.json"
+        if not f.exists():
+            raise ValueError(f"cannot compare with {there}: it has no finished part for target {p['target']!r}")
+        o = json.loads(f.read_text())
+        if o["gold"] != p["gold"]:
+            raise ValueError(f"cannot compare with {there}: target {p['target']!r} was tested on other items")
+        merged.append({**p, "methods": {"there": o["methods"]["steer2adapt"], "here": p["methods"]["steer2adapt"]}})
+    lines = [f"# Steer2Adapt in `{there}` minus Steer2Adapt in `{here}`", "",
+             "Paired difference in accuracy points (the same test items), 95% bootstrap interval; `~`: the interval "
+             "contains 0.", "", "| target | there | here | difference |", "|---|---|---|---|"]
+    rows = [(p["target"], [p]) for p in merged] + [("mean", merged)]
+    for t, ps in rows:
+        d, lo, hi = paired_delta(ps, "there", "here", n_boot, seed)
+        acc = [float(np.mean([np.mean(p["methods"][m]["correct"]) for p in ps])) for m in ("there", "here")]
+        lines.append(f"| {t} | {100 * acc[0]:.1f} | {100 * acc[1]:.1f} | {100 * d:+.1f} [{100 * lo:+.1f}, "
+                     f"{100 * hi:+.1f}]{' ~' if lo <= 0 <= hi else ''} |")
+    return "\n".join(lines) + "\n"

@@ -121,3 +121,23 @@ def test_random_library_keeps_names_and_norms_only():
         cos = (rnd[k] * lib[k].numpy()).sum(1) / np.linalg.norm(rnd[k], axis=1) / lib[k].norm(dim=1).numpy()
         assert np.abs(cos).max() < 0.9
     assert not np.allclose(rnd["a"], compose.random_library(lib, seed=1)["a"])
+
+
+def test_compare_runs_pairs_the_same_items(tmp_path):
+    import json
+
+    from castlens.compose import compare_runs
+
+    gold = [0, 1, 2, 0, 1, 2, 0, 1]
+    there = {"target": "t", "n_test": 8, "gold": gold, "methods": {"steer2adapt": {"correct": [1] * 8}}}
+    here = {"target": "t", "n_test": 8, "gold": gold, "methods": {"steer2adapt": {"correct": [1, 0] * 4}}}
+    (tmp_path / "a" / "parts").mkdir(parents=True)
+    (tmp_path / "a" / "parts" / "t.part.json").write_text(json.dumps(there))
+    md = compare_runs(tmp_path / "a", tmp_path / "b", [here], n_boot=200)
+    row = next(line for line in md.splitlines() if line.startswith("| t |"))
+    assert row.startswith("| t | 100.0 | 50.0 | +50.0 [")  # 4 of 8 items differ, all in favour of "there"
+    assert not row.endswith("~ |")
+    with pytest.raises(ValueError, match="other items"):
+        compare_runs(tmp_path / "a", tmp_path / "b", [{**here, "gold": gold[::-1]}])
+    with pytest.raises(ValueError, match="no finished part"):
+        compare_runs(tmp_path / "a", tmp_path / "b", [{**here, "target": "u"}])
