@@ -149,7 +149,7 @@ def _numbers(kind: type):
 
 def _transfer(model_name_: str, sources, targets, n, shots, out: Path, dev=64, limit=None, layers=None,
               strengths=(0.5, 1.0, 2.0, 4.0), select="random", seed=0, batch_size=16, png=None, n_boot=1000,
-              data_dir=None, pool=200):
+              data_dir=None, pool=200, embedder="model"):
     from castlens.models import load_model, model_name
     from castlens.transfer import TransferConfig, run_transfer
 
@@ -158,7 +158,8 @@ def _transfer(model_name_: str, sources, targets, n, shots, out: Path, dev=64, l
     model = load_model(model_name_)
     cfg = TransferConfig(model=model_name(model), sources=tuple(sources), targets=tuple(targets), n=n, shots=shots,
                          dev=dev, limit=limit, layers=None if layers is None else tuple(layers),
-                         strengths=tuple(strengths), select=select, seed=seed, n_boot=n_boot, pool=pool)
+                         strengths=tuple(strengths), select=select, seed=seed, n_boot=n_boot, pool=pool,
+                         embedder=embedder)
     t0 = time.perf_counter()
     rows = run_transfer(model, cfg, out, batch_size=batch_size, png=png)
     print(f"transfer finished in {time.perf_counter() - t0:.0f}s; table: {out / 'results.md'}")
@@ -179,7 +180,8 @@ def _print_means(rows) -> None:
 
 def cmd_transfer(a: argparse.Namespace) -> int:
     _transfer(a.model, a.sources, a.targets, a.n, a.shots, Path(a.out), a.dev, a.limit, a.layers, a.strengths,
-              a.select, a.seed, a.batch_size, False if a.no_png else None, a.n_boot, a.data_dir, a.pool)
+              a.select, a.seed, a.batch_size, False if a.no_png else None, a.n_boot, a.data_dir, a.pool,
+              a.embedder)
     return 0
 
 
@@ -215,7 +217,7 @@ def cmd_selection_study(a: argparse.Namespace) -> int:
         load_task(t, a.data_dir)
     kw = dict(methods=a.methods, ablation_n=a.ablation_n, ns=a.ns, scale_methods=a.scale_methods, shots=a.shots,
               dev=a.dev, limit=a.limit, icl_limit=a.icl_limit or None, strengths=a.strengths, pool=a.pool,
-              seed=a.seed, n_boot=a.n_boot, layers=a.layers)
+              seed=a.seed, n_boot=a.n_boot, layers=a.layers, embedder=a.embedder)
     StudyConfig(model="", sources=tuple(a.sources), targets=tuple(a.targets), **kw)  # bad options: before loading
     model = load_model(a.model)
     cfg = StudyConfig(model=model_name(model), sources=tuple(a.sources), targets=tuple(a.targets), **kw)
@@ -290,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--select", default="random", choices=["random", "cast", "relevance", "diversity"],
                     help="source-sample selection: random (shared by all targets) or a graph search per target")
     tr.add_argument("--pool", type=int, default=200, help="candidates per source task for graph selection")
+    tr.add_argument("--embedder", default="model", choices=["model", "minilm"], help="embeddings for the graph "
+                    "search: the model's middle-layer residual stream, or all-MiniLM-L6-v2 sentence embeddings")
     tr.add_argument("--batch-size", type=int, default=16)
     tr.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
     tr.set_defaults(func=cmd_transfer)
@@ -329,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--layers", type=_numbers(int), default=None, help="layers to sweep")
     ss.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0, 8.0))
     ss.add_argument("--pool", type=int, default=200, help="candidates per source task")
+    ss.add_argument("--embedder", default="model", choices=["model", "minilm"], help="embeddings for the graph "
+                    "search: the model's middle-layer residual stream, or all-MiniLM-L6-v2 sentence embeddings")
     ss.add_argument("--batch-size", type=int, default=16)
     ss.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
     ss.set_defaults(func=cmd_selection_study)

