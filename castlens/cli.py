@@ -134,14 +134,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def _numbers(kind: type):
-    """An argparse type: comma-separated numbers of ``kind`` (int or float)."""
+def _numbers(kind: type, empty: bool = False):
+    """An argparse type: comma-separated numbers of ``kind`` (int or float); none only if ``empty``."""
     def parse(s: str) -> tuple:
         try:
             vals = tuple(kind(x) for x in s.split(",") if x.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {s!r}") from None
-        if not vals:
+        if not vals and not empty:
             raise argparse.ArgumentTypeError("no numbers given")
         return vals
     return parse
@@ -215,9 +215,9 @@ def cmd_selection_study(a: argparse.Namespace) -> int:
 
     for t in [*a.sources, *a.targets]:  # a bad task name fails before the model loads
         load_task(t, a.data_dir)
-    kw = dict(methods=a.methods, ablation_n=a.ablation_n, ns=a.ns, scale_methods=a.scale_methods, shots=a.shots,
-              dev=a.dev, limit=a.limit, icl_limit=a.icl_limit or None, strengths=a.strengths, pool=a.pool,
-              seed=a.seed, n_boot=a.n_boot, layers=a.layers, embedder=a.embedder)
+    kw = dict(methods=tuple(a.methods), ablation_n=a.ablation_n, ns=a.ns, scale_methods=tuple(a.scale_methods),
+              shots=a.shots, dev=a.dev, limit=a.limit, icl_limit=a.icl_limit or None, strengths=a.strengths,
+              pool=a.pool, seed=a.seed, n_boot=a.n_boot, layers=a.layers, embedder=a.embedder)
     StudyConfig(model="", sources=tuple(a.sources), targets=tuple(a.targets), **kw)  # bad options: before loading
     model = load_model(a.model)
     cfg = StudyConfig(model=model_name(model), sources=tuple(a.sources), targets=tuple(a.targets), **kw)
@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--methods", type=_task_list, default=("random", "relevance", "diversity", "cast"),
                     help="selection methods of the ablation")
     ss.add_argument("--ablation-n", type=int, default=32, help="source samples per vector in the ablation")
-    ss.add_argument("--ns", type=_numbers(int), default=(4, 8, 16, 32, 64, 128), help="sample counts to scale over")
+    ss.add_argument("--ns", type=_numbers(int, empty=True), default=(4, 8, 16, 32, 64, 128),
+                    help="sample counts to scale over ('' for the ablation alone, without ICL)")
     ss.add_argument("--scale-methods", type=_task_list, default=("cast", "random"),
                     help="selection methods with a scaling curve")
     ss.add_argument("--icl-limit", type=int, default=200, help="test items of the scaling comparison with "

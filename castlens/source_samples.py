@@ -81,7 +81,7 @@ class StudyConfig:
             raise ValueError(f"unknown selection methods {bad}; available: {', '.join(SELECTION_METHODS)}")
         if self.embedder not in EMBEDDERS:
             raise ValueError(f"unknown embedder {self.embedder!r}; available: {', '.join(EMBEDDERS)}")
-        if not self.ns or min(self.ns) < 1 or self.ablation_n < 1:
+        if (self.ns and min(self.ns) < 1) or self.ablation_n < 1:
             raise ValueError(f"sample counts must be >= 1, got ns={self.ns}, ablation_n={self.ablation_n}")
 
     def to_dict(self) -> dict:
@@ -133,7 +133,8 @@ def run_target(model, cfg: StudyConfig, target: Task, sources: dict[str, Task], 
     need: dict[str, int] = {}
     for m, n in cfg.variants():
         need[m] = max(need.get(m, 0), n)
-    need["cast"] = max(need.get("cast", 0), max(cfg.ns))  # the ICL demonstrations
+    if cfg.ns:
+        need["cast"] = max(need.get("cast", 0), max(cfg.ns))  # the ICL demonstrations
     if max(need.values()) > len(pool):
         raise TaskError(f"{max(need.values())} samples asked for, the pool has {len(pool)} candidates")
     ranking = {m: select_indices(m, pool_emb, t_emb, k, seed=cfg.seed) for m, k in need.items()}
@@ -193,10 +194,11 @@ def run_target(model, cfg: StudyConfig, target: Task, sources: dict[str, Task], 
     qs, os_ = [q[i] for i in items], [o[i] for i in items]
     room = max(len(a) + max(map(len, b)) for a, b in zip(qs, os_))
     tail = _prefix(model, [fmt.instruction], fmt)
-    rendered = [default_format(sources[pool[i][0]]).render(pool[i][1], True) for i in ranking["cast"][:max(cfg.ns)]]
+    rendered = [default_format(sources[pool[i][0]]).render(pool[i][1], True)
+                for i in ranking.get("cast", [])[:max(cfg.ns, default=0)]]
     blocks = [_enc(model, b + fmt.separator) for b in rendered]
     icl, used, done = {}, {}, {}
-    for n in sorted(cfg.ns):
+    for n in sorted(cfg.ns):  # no ns: no scaling, no ICL
         k = fit_demos(model, blocks[:n], tail, room)
         while True:  # the block-wise count can be off by a merged token at a boundary: never overflow
             prefix = _prefix(model, [*rendered[:k], fmt.instruction], fmt)
@@ -290,6 +292,8 @@ def results_md(cfg: StudyConfig, ablation: Sequence[dict], scaling: Sequence[dic
         setting = f"{r['layer']} x {r['strength']:g}" if r.get("layer") is not None else ""
         lines.append(f"| {r['target']} | {r['method']} | {100 * r['accuracy']:.1f} [{100 * r['ci_lo']:.1f}, "
                      f"{100 * r['ci_hi']:.1f}] | {_fmt_delta(r, 'zero')} | {_fmt_delta(r, 'random')} | {setting} |")
+    if not cfg.ns:
+        return "\n".join(lines) + "\n"
     lines += ["", f"## Scaling: accuracy against the number of source samples, on {cfg.icl_limit or 'all'} test "
               "items per target (the same items for every method)", "",
               "`icl@n`: cross-task ICL with the first n cast-selected samples as demonstrations, as many as fit in "
@@ -334,7 +338,7 @@ def write_outputs(out: Path, cfg: StudyConfig, parts, views, ablation, scaling, 
                                     "on dev. Bars: 95% bootstrap intervals over test items; dashes: chance.")
     plots.save_figure(fig, out / "ablation", png=png)
     ns = sorted(cfg.ns)
-    for t in groups:
+    for t in groups if ns else []:
         curves = {}
         for m, label in [*((m, f"CAST vector, {m} selection") for m in cfg.scale_methods),
                          ("icl", "cross-task ICL, cast-selected demos")]:

@@ -170,3 +170,13 @@ def test_bad_options_are_named():
         ss.StudyConfig(**{**CFG, "methods": ("cast", "nearest")})
     with pytest.raises(ValueError, match="sample counts"):
         ss.StudyConfig(**{**CFG, "ns": (0, 4)})
+
+
+def test_ablation_only_runs_no_icl(tiny, tmp_path):
+    cfg = ss.StudyConfig(**{**CFG, "targets": ("plural",), "ns": (), "scale_methods": (), "keep_scores": False})
+    ablation, scaling = ss.run_study(tiny, cfg, tmp_path, png=False, log=lambda *a: None)
+    part = json.loads((tmp_path / "parts" / "plural.part.json").read_text())
+    assert part["icl"] == {} and set(part["methods"]) == {"zero_shot", "random@3", "relevance@3", "diversity@3",
+                                                          "cast@3"}
+    assert "## Scaling" not in (tmp_path / "results.md").read_text()
+    assert not list(tmp_path.glob("scaling_*"))
