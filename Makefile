@@ -55,7 +55,8 @@ transfer-figures: $(STAMP)
 # Source-sample selection (CAST Sec. 3.2): random / relevance / diversity / cast selection at 32 samples on the 5 CAST
 # targets, and accuracy against 4..128 samples for CAST vectors and for cross-task ICL with the same samples.
 selection-figures: $(STAMP)
-	$(VENV)/bin/castlens selection-study --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --out figures/selection_study
+	$(VENV)/bin/castlens selection-study --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --batch-size 32 \
+		--out figures/selection_study
 
 # Steer2Adapt: per-task CAST vectors of the 8 CAST source tasks form the library; each held-out target (with a
 # train split for its 12 examples) is adapted with the vectors of the other task families.

@@ -10,7 +10,10 @@ of the pool) and *diverse*. Every selection method has one signature::
 task's train split). Knows no model.
 
 The graph search works on embeddings (any ``[n, d]`` array; the caller computes them), in
-:func:`select_indices`. With every vector L2-normalised and ``cos`` the inner product:
+:func:`select_indices`. Candidates and target queries are first centred on the candidates' mean (language-model
+states are anisotropic: they share a large common direction that makes every cosine close to 1 and would leave
+the diversity term nothing to measure; Ethayarajh 2019, Mu & Viswanath 2018), then L2-normalised; ``cos`` is the
+inner product:
 
 * relevance ``rel_i``: the mean cosine between candidate ``i`` and its ``k`` nearest target queries;
 * representativeness ``rep_i``: the in-degree of ``i`` in the candidates' ``k``-nearest-neighbour graph
@@ -146,8 +149,9 @@ SELECTION_METHODS = ("random", "relevance", "diversity", "cast")
 
 
 def select_indices(method: str, candidates: np.ndarray, targets: np.ndarray | None, n: int, seed: int = 0,
-                   k: int = 10, alpha: float = 0.5, lam: float = 0.5) -> list[int]:
-    """Indices of ``n`` candidates chosen by ``method`` (one of ``SELECTION_METHODS``); deterministic for a seed."""
+                   k: int = 10, alpha: float = 0.5, lam: float = 0.5, center: bool = True) -> list[int]:
+    """Indices of ``n`` candidates chosen by ``method`` (one of ``SELECTION_METHODS``); deterministic for a seed.
+    ``center``: subtract the candidates' mean from candidates and targets first (see the module docstring)."""
     if method not in SELECTION_METHODS:
         raise ValueError(f"unknown selection method {method!r}; available: {', '.join(SELECTION_METHODS)}")
     m = len(candidates)
@@ -156,6 +160,10 @@ def select_indices(method: str, candidates: np.ndarray, targets: np.ndarray | No
     rng = np.random.default_rng(seed)
     if method == "random":
         return [int(i) for i in rng.choice(m, size=n, replace=False)]
+    if center:
+        mu = np.asarray(candidates).mean(0, dtype=np.float64).astype(np.float32)
+        candidates = np.asarray(candidates, dtype=np.float32) - mu
+        targets = None if targets is None else np.asarray(targets, dtype=np.float32) - mu
     if method == "diversity":
         return mmr(candidates, np.zeros(m), n, lam=1.0, first=int(rng.integers(m)))
     if targets is None:

@@ -208,7 +208,7 @@ def run_target(model, cfg: StudyConfig, target: Task, sources: dict[str, Task], 
         used[n] = k
         if k not in done:
             t0 = time.perf_counter()
-            bs = batch_size if len(prefix) < 2000 else max(1, batch_size // 2)
+            bs = batch_size if len(prefix) < 2000 else min(batch_size, 8)  # long prefix: 8 measured fastest
             s = prefix_option_logprobs(model, prefix, qs, os_, batch_size=bs)[0]
             done[k] = method_record(s, [gold[i] for i in items], len(prefix) + float(np.mean([len(x) for x in qs])),
                                     time.perf_counter() - t0)
@@ -267,7 +267,7 @@ def run_study(model, cfg: StudyConfig, out: str | Path, batch_size: int = 16, pn
                                              if r["target"].startswith("mean") or v["target"] == r["target"]]))
     deltas = {n: paired_delta(views, name("cast", n), name("icl", n), cfg.n_boot, cfg.seed)
               for n in sorted(cfg.ns)} if "cast" in cfg.scale_methods else {}
-    write_outputs(out, cfg, ordered, views, ablation, scaling, deltas, png, log)
+    write_outputs(out, cfg, ablation, scaling, deltas, png, log)
     return ablation, scaling
 
 
@@ -310,7 +310,45 @@ def results_md(cfg: StudyConfig, ablation: Sequence[dict], scaling: Sequence[dic
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out: Path, cfg: StudyConfig, parts, views, ablation, scaling, deltas, png=None, log=print) -> None:
+def figures(cfg: StudyConfig, ablation: Sequence[dict], scaling: Sequence[dict]) -> dict:
+    """The study's plotly figures by file stem: ``ablation`` (accuracy per target and selection method) and
+    ``scaling_<target>`` / ``scaling_mean`` (accuracy against the number of source samples)."""
+    from castlens import plots
+
+    who = f"{cfg.model}; sources {', '.join(cfg.sources)}"
+    groups = [*cfg.targets, "mean"]
+    ab_methods = ["zero_shot", *(name(m, cfg.ablation_n) for m in cfg.methods)]
+
+    def cell(rows, t, m, k):
+        return next((r[k] for r in rows if r["method"] == m and (r["target"] == t or
+                                                                   (t == "mean" and r["target"].startswith("mean")))),
+                    math.nan)
+
+    chance = [cell(ablation, t, "zero_shot", "chance") for t in cfg.targets]
+    out = {"ablation": plots.method_bars(
+        groups, {m: [cell(ablation, t, m, "accuracy") for t in groups] for m in ab_methods},
+        {m: [(cell(ablation, t, m, "ci_lo"), cell(ablation, t, m, "ci_hi")) for t in groups] for m in ab_methods},
+        chance=[*chance, float(np.mean(chance))],
+        title=f"Selection ablation: CAST vectors from {cfg.ablation_n} source samples",
+        caption=f"{who}; {cfg.pool} candidates per source; layer and strength per vector chosen on dev. Bars: 95% "
+                "bootstrap intervals over test items; dashes: chance.")}
+    ns = sorted(cfg.ns)
+    icl = "cross-task ICL, cast-selected demos"
+    for t in groups if ns else []:
+        curves = {f"CAST vector, {m} selection": [tuple(cell(scaling, t, name(m, n), k) for k in ("accuracy", "ci_lo",
+                                                                                              "ci_hi")) for n in ns]
+                  for m in cfg.scale_methods}
+        curves[icl] = [tuple(cell(scaling, t, name("icl", n), k) for k in ("accuracy", "ci_lo", "ci_hi")) for n in ns]
+        out[f"scaling_{t}"] = plots.scaling_curves(
+            ns, curves, baselines={"zero-shot": cell(scaling, t, "zero_shot", "accuracy")},
+            labels={icl: [f"{cell(scaling, t, name('icl', n), 'demos_used'):.0f}" for n in ns]},
+            title=f"{'Mean over targets' if t == 'mean' else t}: accuracy against source samples",
+            caption=f"{who}; {cfg.icl_limit or 'all'} test items per target, the same for every method. Bands: 95% "
+                    "bootstrap intervals. Numbers on the ICL curve: demonstrations that fit in the context window.")
+    return out
+
+
+def write_outputs(out: Path, cfg: StudyConfig, ablation, scaling, deltas, png=None, log=print) -> None:
     from castlens import plots
 
     _atomic_write(out / "ablation.csv", results_csv(ablation, ABLATION_COLUMNS).encode())
@@ -320,36 +358,5 @@ def write_outputs(out: Path, cfg: StudyConfig, parts, views, ablation, scaling, 
         png = plots.png_export_available()
         if not png:
             log(f"note: writing HTML figures only; for PNGs: {plots.PNG_EXPORT_FIX}")
-    who = f"{cfg.model}; sources {', '.join(cfg.sources)}"
-    groups = [p["target"] for p in parts] + ["mean"]
-    ab_methods = ["zero_shot", *(name(m, cfg.ablation_n) for m in cfg.methods)]
-
-    def cell(rows, t, m, k):
-        return next((r[k] for r in rows if r["method"] == m and (r["target"] == t or
-                                                                   (t == "mean" and r["target"].startswith("mean")))),
-                    math.nan)
-
-    fig = plots.method_bars(groups, {m: [cell(ablation, t, m, "accuracy") for t in groups] for m in ab_methods},
-                            {m: [(cell(ablation, t, m, "ci_lo"), cell(ablation, t, m, "ci_hi")) for t in groups]
-                             for m in ab_methods},
-                            chance=[p["chance"] for p in parts] + [float(np.mean([p["chance"] for p in parts]))],
-                            title=f"Selection ablation: CAST vectors from {cfg.ablation_n} source samples",
-                            caption=f"{who}; {cfg.pool} candidates per source; layer and strength per vector chosen "
-                                    "on dev. Bars: 95% bootstrap intervals over test items; dashes: chance.")
-    plots.save_figure(fig, out / "ablation", png=png)
-    ns = sorted(cfg.ns)
-    for t in groups if ns else []:
-        curves = {}
-        for m, label in [*((m, f"CAST vector, {m} selection") for m in cfg.scale_methods),
-                         ("icl", "cross-task ICL, cast-selected demos")]:
-            curves[label] = [(cell(scaling, t, name(m, n), "accuracy"), cell(scaling, t, name(m, n), "ci_lo"),
-                              cell(scaling, t, name(m, n), "ci_hi")) for n in ns]
-        used = [cell(scaling, t, name("icl", n), "demos_used") for n in ns]
-        fig = plots.scaling_curves(ns, curves, baselines={"zero-shot": cell(scaling, t, "zero_shot", "accuracy")},
-                                   labels={"cross-task ICL, cast-selected demos": [f"{u:.0f}" for u in used]},
-                                   title=f"{'Mean over targets' if t == 'mean' else t}: accuracy against source "
-                                         "samples",
-                                   caption=f"{who}; {cfg.icl_limit or 'all'} test items per target, the same for every "
-                                           "method. Bands: 95% bootstrap intervals. Numbers on the ICL curve: "
-                                           "demonstrations that fit in the context window.")
-        plots.save_figure(fig, out / f"scaling_{t}", png=png)
+    for stem, fig in figures(cfg, ablation, scaling).items():
+        plots.save_figure(fig, out / stem, png=png)

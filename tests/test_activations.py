@@ -82,10 +82,12 @@ def test_mean_resid_equals_the_mean_of_a_single_prompt_cache(tiny):
     from castlens.activations import mean_resid
 
     prompts = [list(range(40, 40 + n)) for n in (5, 1, 23, 9)]
-    got = mean_resid(tiny, prompts, layer=2, batch_size=3)
+    got = mean_resid(tiny, prompts, layer=2, batch_size=3)  # first token (attention sink) left out
+    every = mean_resid(tiny, prompts, layer=2, batch_size=2, skip=0)
     for i, p in enumerate(prompts):
         _, cache = tiny.run_with_cache(torch.tensor([p]), names_filter="blocks.2.hook_resid_post")
-        want = cache["blocks.2.hook_resid_post"][0].float().mean(0)
-        assert (got[i] - want).abs().max() < 1e-4
+        h = cache["blocks.2.hook_resid_post"][0].float()
+        assert (got[i] - (h[1:] if len(p) > 1 else h).mean(0)).abs().max() < 1e-4
+        assert (every[i] - h.mean(0)).abs().max() < 1e-4
     with pytest.raises(ValueError, match="out of range"):
         mean_resid(tiny, prompts, layer=7)

@@ -112,3 +112,19 @@ def test_minilm_embeddings_equal_a_manual_mean_pooling():
     assert got.shape == (4, 384)
     with pytest.raises(ValueError, match="unknown embedder"):
         embed_texts(None, texts, embedder="bert")
+
+
+def test_centering_keeps_diversity_alive_under_a_shared_offset():
+    """Language-model states share a large common direction (every cosine near 1). Planted clusters plus an
+    offset 100x their spread: centred (the default), cast selection still covers every cluster at the default
+    lam; uncentred, the redundancy penalty is nearly constant and it stays near the target's cluster."""
+    from castlens.selection import select_indices
+
+    x, labels, targets = _clusters()
+    offset = np.full(x.shape[1], 300.0)
+    cen = select_indices("cast", x + offset, targets + offset, 10, seed=1)
+    raw = select_indices("cast", x + offset, targets + offset, 10, seed=1, center=False)
+    assert set(labels[cen]) == {0, 1, 2, 3, 4}
+    assert len(set(labels[raw])) < 5
+    assert select_indices("cast", x + offset, targets + offset, 10, seed=1) == \
+        select_indices("cast", x, targets, 10, seed=1)  # centring removes the offset exactly
