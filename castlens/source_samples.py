@@ -193,13 +193,12 @@ def run_target(model, cfg: StudyConfig, target: Task, sources: dict[str, Task], 
     items = _subset(len(test), cfg.icl_limit, target.name, cfg.seed)
     qs, os_ = [q[i] for i in items], [o[i] for i in items]
     room = max(len(a) + max(map(len, b)) for a, b in zip(qs, os_))
-    tail = _prefix(model, [fmt.instruction], fmt)
     rendered = [default_format(sources[pool[i][0]]).render(pool[i][1], True)
                 for i in ranking.get("cast", [])[:max(cfg.ns, default=0)]]
     blocks = [_enc(model, b + fmt.separator) for b in rendered]
     icl, used, done = {}, {}, {}
     for n in sorted(cfg.ns):  # no ns: no scaling, no ICL
-        k = fit_demos(model, blocks[:n], tail, room)
+        k = fit_demos(model, blocks[:n], zero_prefix, room)  # zero_prefix: the instruction after the demos
         while True:  # the block-wise count can be off by a merged token at a boundary: never overflow
             prefix = _prefix(model, [*rendered[:k], fmt.instruction], fmt)
             if len(prefix) + room <= context_length(model) or k == 0:
