@@ -248,11 +248,16 @@ def run_study(model, cfg: StudyConfig, out: str | Path, batch_size: int = 16, pn
     for stale in [*out.glob(".*.tmp"), *out.glob("parts/.*.tmp")]:  # left by a killed run; never a result
         stale.unlink()
     open_run(out, cfg)
-    pool, pool_emb = _embedded_pool(model, cfg, sources, out, batch_size, log)
     diffs: dict[int, torch.Tensor] = {}
     by_name = {s.name: s for s in sources}
-    parts = resumable_parts(out, targets, cfg.limit, lambda t, done: run_target(
-        model, cfg, t, by_name, pool, pool_emb, diffs, done, batch_size, log), log)
+    embedded: list = []  # the candidate pool and its embeddings, made when a target first needs them
+
+    def compute(t: Task, done: list[dict]) -> dict:
+        if not embedded:
+            embedded.extend(_embedded_pool(model, cfg, sources, out, batch_size, log))
+        return run_target(model, cfg, t, by_name, *embedded, diffs, done, batch_size, log)
+
+    parts = resumable_parts(out, targets, cfg.limit, compute, log)
     ordered = [parts[t] for t in cfg.targets]
     ablation = summarize(ordered, cfg.n_boot, cfg.seed, ["zero_shot", *(name(m, cfg.ablation_n) for m in cfg.methods)],
                          refs=(("zero_shot", "zero"), (name("random", cfg.ablation_n), "random")))
