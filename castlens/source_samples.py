@@ -269,10 +269,22 @@ def run_study(model, cfg: StudyConfig, out: str | Path, batch_size: int = 16, pn
         if r["method"].startswith("icl@"):
             r["demos_used"] = float(np.mean([v["icl"][r["method"]]["demos_used"] for v in views
                                              if r["target"].startswith("mean") or v["target"] == r["target"]]))
-    deltas = {n: paired_delta(views, name("cast", n), name("icl", n), cfg.n_boot, cfg.seed)
-              for n in sorted(cfg.ns)} if "cast" in cfg.scale_methods else {}
+    deltas = paired_table(views, cfg)
     write_outputs(out, cfg, ablation, scaling, deltas, png, log)
     return ablation, scaling
+
+
+def paired_table(views: Sequence[dict], cfg: StudyConfig) -> list[dict]:
+    """Per target and on average, per n: CAST (cast selection) minus CAST (random selection) and minus cross-task
+    ICL with the same samples, paired on the scaling items. Empty without both selections in ``scale_methods``."""
+    if not {"cast", "random"} <= set(cfg.scale_methods):
+        return []
+    rows = []
+    for t, ps in [*((v["target"], [v]) for v in views), ("mean", list(views))]:
+        for n in sorted(cfg.ns):
+            rows.append({"target": t, "n": n, **{k: paired_delta(ps, name("cast", n), name(ref, n), cfg.n_boot, cfg.seed)
+                                                 for k, ref in (("vs_random", "random"), ("vs_icl", "icl"))}})
+    return rows
 
 
 ABLATION_COLUMNS = ["target", "method", "accuracy", "ci_lo", "ci_hi", "macro_f1", "delta_zero", "delta_zero_lo",
@@ -283,7 +295,8 @@ SCALING_COLUMNS = ["target", "method", "n_samples", "demos_used", "accuracy", "c
                    "n_test"]
 
 
-def results_md(cfg: StudyConfig, ablation: Sequence[dict], scaling: Sequence[dict], deltas: dict) -> str:
+def results_md(cfg: StudyConfig, ablation: Sequence[dict], scaling: Sequence[dict], deltas: Sequence[dict]
+               ) -> str:
     lines = [f"# Source-sample selection and scaling: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}", "",
              f"Model {cfg.model}. CAST mean-difference vectors (CAST Eq. 2-3) from source samples chosen out of "
              f"{cfg.pool} candidates per source task; each vector's layer and strength chosen on {cfg.dev} dev items "
@@ -308,9 +321,13 @@ def results_md(cfg: StudyConfig, ablation: Sequence[dict], scaling: Sequence[dic
         lines.append(f"| {r['target']} | {r['method']} | {used} | {100 * r['accuracy']:.1f} [{100 * r['ci_lo']:.1f}, "
                      f"{100 * r['ci_hi']:.1f}] | {_fmt_delta(r, 'zero')} | {r['prompt_tokens']:.0f} |")
     if deltas:
-        lines += ["", "CAST (cast selection) minus cross-task ICL with the same samples, mean over targets: " +
-                  "; ".join(f"n={n}: {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-                            for n, (d, lo, hi) in deltas.items()) + "."]
+        lines += ["", "Paired differences on the same items, in points: the CAST vector from cast-selected samples minus "
+                  "the one from random samples, and minus cross-task ICL with the cast-selected samples.", "",
+                  "| target | n | cast - random selection | cast - cross-task ICL |", "|---|---|---|---|"]
+        for r in deltas:
+            lines.append(f"| {r['target']} | {r['n']} | " + " | ".join(
+                f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{' ~' if lo <= 0 <= hi else ''}"
+                for d, lo, hi in (r["vs_random"], r["vs_icl"])) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -156,6 +156,14 @@ def test_tables_figures_and_resume(tiny, study):
     assert sc[("plural", "cast@5")]["accuracy"] == pytest.approx(
         np.mean([p["methods"]["cast@5"]["correct"][i] for i in p["icl_items"]]))
     assert sc[("plural", "icl@16")]["demos_used"] == p["icl"]["icl@16"]["demos_used"]
+    table = ss.paired_table([ss.icl_view(parts[t], cfg) for t in cfg.targets], cfg)
+    row = next(r for r in table if (r["target"], r["n"]) == ("plural", 5))
+    items = p["icl_items"]
+    manual = np.mean([p["methods"]["cast@5"]["correct"][i] - p["methods"]["random@5"]["correct"][i] for i in items])
+    assert row["vs_random"][0] == pytest.approx(manual)
+    assert row["vs_icl"][0] == pytest.approx(
+        np.mean([p["methods"]["cast@5"]["correct"][i] for i in items]) - np.mean(p["icl"]["icl@5"]["correct"]))
+    assert len(table) == (len(cfg.targets) + 1) * len(cfg.ns)
     before = {f: f.stat().st_mtime_ns for f in (out / "parts").iterdir()}
     csv = (out / "ablation.csv").read_text()
     ss.run_study(tiny, ss.StudyConfig(**CFG), out, png=False, log=lambda *a: None)
