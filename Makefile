@@ -53,10 +53,13 @@ transfer-figures: $(STAMP)
 	$(TRANSFER) --sources mnli,xnli_en,pawsx_en,sst2 --targets xnli_zh,xnli_fr,xnli_de,pawsx_zh,pawsx_de,marc_zh,eprstmt_zh --out figures/transfer_cross_lingual
 
 # Source-sample selection (CAST Sec. 3.2): random / relevance / diversity / cast selection at 32 samples on the 5 CAST
-# targets, and accuracy against 4..128 samples for CAST vectors and for cross-task ICL with the same samples.
+# targets, and accuracy against 4..128 samples for CAST vectors and for cross-task ICL with the same samples; then
+# the ablation alone with all-MiniLM-L6-v2 sentence embeddings for the graph search instead of the model's own.
 selection-figures: $(STAMP)
 	$(VENV)/bin/castlens selection-study --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --batch-size 32 \
 		--out figures/selection_study
+	$(VENV)/bin/castlens selection-study --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --batch-size 32 \
+		--embedder minilm --ns '' --out figures/selection_study_minilm
 
 # Steer2Adapt: per-task CAST vectors of the 8 CAST source tasks form the library; each held-out target (with a
 # train split for its 12 examples) is adapted with the vectors of the other task families.

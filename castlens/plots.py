@@ -437,7 +437,7 @@ def scaling_curves(
             raise ValueError(f"curves[{label!r}]: expected (value, lo, hi) per point, got shape {v.shape}")
         _check_len(v[:, 0], len(xs), f"curves[{label!r}]")
         fig.add_trace(go.Scatter(x=np.concatenate([xs, xs[::-1]]), y=np.concatenate([v[:, 2], v[::-1, 1]]),
-                                 fill="toself", fillcolor=_rgba(color, 0.15), line=dict(width=0),
+                                 mode="lines", fill="toself", fillcolor=_rgba(color, 0.15), line=dict(width=0),
                                  hoverinfo="skip", showlegend=False))
         text = list((labels or {}).get(label, []))
         fig.add_trace(go.Scatter(x=xs, y=v[:, 0], name=str(label), line=dict(color=color),

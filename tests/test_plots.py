@@ -301,3 +301,17 @@ def test_coefficient_heatmap_shape_and_symmetric_scale():
     assert h.zmin == -3 and h.zmax == 3 and list(h.x) == ["a", "b"]
     with pytest.raises(ValueError, match="expected shape"):
         P.coefficient_heatmap([[1.0, 2.0]], ["t1", "t2"], ["a", "b"])
+
+
+def test_scaling_curves_bands_points_labels_and_log_axis():
+    fig = P.scaling_curves([4, 8, 16], {"a": [(0.3, 0.2, 0.4), (0.5, 0.4, 0.6), (0.6, 0.5, 0.7)]},
+                               baselines={"zero": 0.25}, labels={"a": ["4", "8", "9"]})
+    band, line, base = fig.data
+    assert band.fill == "toself" and band.mode == "lines"  # an outline only: no stray markers at the bounds
+    assert list(band.x) == [4, 8, 16, 16, 8, 4] and list(band.y) == [0.4, 0.6, 0.7, 0.5, 0.4, 0.2]
+    assert list(line.y) == [0.3, 0.5, 0.6] and list(line.text) == ["4", "8", "9"]
+    assert list(base.y) == [0.25, 0.25] and fig.layout.xaxis.type == "log"
+    with pytest.raises(ValueError, match="positive"):
+        P.scaling_curves([0, 1], {"a": [(0.1, 0, 0.2)] * 2})
+    with pytest.raises(ValueError, match="value, lo, hi"):
+        P.scaling_curves([1, 2], {"a": [0.1, 0.2]})
