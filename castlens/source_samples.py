@@ -297,9 +297,13 @@ SCALING_COLUMNS = ["target", "method", "n_samples", "demos_used", "accuracy", "c
 
 def results_md(cfg: StudyConfig, ablation: Sequence[dict], scaling: Sequence[dict], deltas: Sequence[dict]
                ) -> str:
-    lines = [f"# Source-sample selection and scaling: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}", "",
+    emb = {"model": "the model's own residual stream at its middle layer (mean over tokens after the first)",
+           "minilm": "all-MiniLM-L6-v2 sentence embeddings"}[cfg.embedder]
+    lines = [f"# Source-sample selection{' and scaling' if cfg.ns else ''}: {', '.join(cfg.sources)} -> "
+             f"{', '.join(cfg.targets)}", "",
              f"Model {cfg.model}. CAST mean-difference vectors (CAST Eq. 2-3) from source samples chosen out of "
-             f"{cfg.pool} candidates per source task; each vector's layer and strength chosen on {cfg.dev} dev items "
+             f"{cfg.pool} candidates per source task, embedded for the graph search with {emb}, centred on the "
+             f"pool's mean; each vector's layer and strength chosen on {cfg.dev} dev items "
              f"per target (from its train split; MedMCQA borrows). Accuracy in % with 95% bootstrap intervals over "
              f"test items ({cfg.n_boot} draws); deltas are paired, in points; `~` marks an interval containing 0.", "",
              f"## Ablation: {cfg.ablation_n} samples per vector, whole test splits", "",
