@@ -280,22 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws")
         sp.add_argument("--out", required=True, help="output folder (an interrupted run resumes in it)")
 
+    def sources_and_sweep(sp: argparse.ArgumentParser, strengths: tuple) -> None:  # transfer, selection-study
+        sp.add_argument("--sources", type=_task_list, required=True, help="comma-separated source tasks")
+        sp.add_argument("--shots", type=int, default=4, help="demonstrations per few-shot prompt")
+        sp.add_argument("--dev", type=int, default=64, help="dev items per target, from its train split")
+        sp.add_argument("--layers", type=_numbers(int), default=None,
+                        help="layers to sweep (default every n_layers/10-th)")
+        sp.add_argument("--strengths", type=_numbers(float), default=strengths, help="strengths to sweep")
+        sp.add_argument("--pool", type=int, default=200, help="candidates per source task for graph selection")
+        sp.add_argument("--embedder", default="model", choices=["model", "minilm"], help="embeddings for the "
+                        "graph search: the model's middle-layer residual stream, or all-MiniLM-L6-v2")
+        sp.add_argument("--batch-size", type=int, default=16)
+        sp.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
+
     tr = sub.add_parser("transfer", help="CAST steering against zero-shot, in-task and cross-task ICL on targets")
     common(tr)
     targets_and_output(tr)
-    tr.add_argument("--sources", type=_task_list, required=True, help="comma-separated source tasks")
+    sources_and_sweep(tr, strengths=(0.5, 1.0, 2.0, 4.0))
     tr.add_argument("--n", type=int, default=32, help="source samples behind every vector")
-    tr.add_argument("--shots", type=int, default=4, help="demonstrations per ICL prompt")
-    tr.add_argument("--dev", type=int, default=64, help="dev items per target, from its train split")
-    tr.add_argument("--layers", type=_numbers(int), default=None, help="layers to sweep (default every n_layers/10-th)")
-    tr.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0), help="strengths to sweep")
     tr.add_argument("--select", default="random", choices=["random", "cast", "relevance", "diversity"],
                     help="source-sample selection: random (shared by all targets) or a graph search per target")
-    tr.add_argument("--pool", type=int, default=200, help="candidates per source task for graph selection")
-    tr.add_argument("--embedder", default="model", choices=["model", "minilm"], help="embeddings for the graph "
-                    "search: the model's middle-layer residual stream, or all-MiniLM-L6-v2 sentence embeddings")
-    tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
     tr.set_defaults(func=cmd_transfer)
 
     c = sub.add_parser("compose", help="Steer2Adapt: adapt to targets with a combination of library vectors")
@@ -319,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cross-task ICL")
     common(ss)
     targets_and_output(ss)
-    ss.add_argument("--sources", type=_task_list, required=True, help="comma-separated source tasks")
+    sources_and_sweep(ss, strengths=(0.5, 1.0, 2.0, 4.0, 8.0))
     ss.add_argument("--methods", type=_task_list, default=("random", "relevance", "diversity", "cast"),
                     help="selection methods of the ablation")
     ss.add_argument("--ablation-n", type=int, default=32, help="source samples per vector in the ablation")
@@ -329,15 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="selection methods with a scaling curve")
     ss.add_argument("--icl-limit", type=int, default=200, help="test items of the scaling comparison with "
                     "cross-task ICL (0: all)")
-    ss.add_argument("--shots", type=int, default=4, help="demonstrations per source few-shot prompt")
-    ss.add_argument("--dev", type=int, default=64, help="dev items per target, from its train split")
-    ss.add_argument("--layers", type=_numbers(int), default=None, help="layers to sweep")
-    ss.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0, 8.0))
-    ss.add_argument("--pool", type=int, default=200, help="candidates per source task")
-    ss.add_argument("--embedder", default="model", choices=["model", "minilm"], help="embeddings for the graph "
-                    "search: the model's middle-layer residual stream, or all-MiniLM-L6-v2 sentence embeddings")
-    ss.add_argument("--batch-size", type=int, default=16)
-    ss.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
     ss.set_defaults(func=cmd_selection_study)
 
     d = sub.add_parser("demo", help="the analysis on the built-in tasks with small settings")
