@@ -153,6 +153,10 @@ def sample_diffs(model, sources: Sequence[Task], samples: Sequence[tuple[str, Ex
     the sample's query, its zero-shot prompt the instruction + query; the few-shot half shares one prefix per
     source (run once, :mod:`castlens.reuse`). Returns the differences grouped by source task (in ``sources``
     order, each task's samples in their given order), that order, and the number of tokens processed."""
+    unknown = {name for name, _ in samples} - {t.name for t in sources}
+    if unknown or not samples:
+        raise TaskError(f"samples name tasks that are not sources: {sorted(unknown)}" if unknown
+                        else "no source samples given")
     demos = _source_demos(sources, shots, seed)
     few, zero, order, tokens = [], [], [], 0
     for t in sources:
@@ -167,10 +171,6 @@ def sample_diffs(model, sources: Sequence[Task], samples: Sequence[tuple[str, Ex
         zero.append(prefix_last_token_resid(model, zero_prefix, qs, batch_size=batch_size, progress=progress))
         order += mine
         tokens += len(few_prefix) + len(zero_prefix) + 2 * sum(map(len, qs))
-    unknown = {name for name, _ in samples} - {t.name for t in sources}
-    if unknown or not order:
-        raise TaskError(f"samples name tasks that are not sources: {sorted(unknown)}" if unknown
-                        else "no source samples given")
     return torch.cat(few) - torch.cat(zero), order, tokens
 
 
