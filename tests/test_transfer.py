@@ -168,3 +168,13 @@ def test_paired_delta_against_a_manual_paired_bootstrap():
     same = tr.paired_delta([{"n_test": 4, "methods": {"a": {"correct": [1, 0, 1, 1]}, "b": {"correct": [1, 0, 1, 1]}}}],
                            "a", "b")
     assert same == (0.0, 0.0, 0.0)
+
+
+def test_sample_diffs_refuses_samples_of_other_tasks_before_running(tiny):
+    from castlens.tasks import TaskError
+
+    up, plural = load_task("uppercase"), load_task("plural")
+    with pytest.raises(TaskError, match=r"not sources: \['plural'\]"):
+        tr.sample_diffs(tiny, [up], [("uppercase", up.train[5]), ("plural", plural.train[0])], shots=2)
+    with pytest.raises(TaskError, match="no source samples"):
+        tr.sample_diffs(tiny, [up], [], shots=2)
