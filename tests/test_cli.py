@@ -62,3 +62,20 @@ def test_selection_study_command_and_its_bad_options(tmp_path, tiny, capsys):
     assert main([*args[:-1], str(tmp_path / "t"), "--methods", "cast,nearest"]) == 2
     assert "unknown selection methods ['nearest']" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()  # refused before anything was written
+
+
+def test_data_dir_reaches_task_loads_inside_the_library(tmp_path, monkeypatch):
+    """--data-dir is exported as CASTLENS_DATA, so load_task calls deep in a run read the same collection."""
+    import json
+
+    from castlens.tasks import load_task
+
+    monkeypatch.delenv("CASTLENS_DATA", raising=False)
+    (tmp_path / "tasks").mkdir()
+    up = load_task("uppercase")
+    task = {"name": "shout", "kind": "generation", "instruction": up.instruction,
+            "train": [{"input": e.input, "output": e.output} for e in up.train[:8]],
+            "test": [{"input": e.input, "output": e.output} for e in up.test[:4]]}
+    (tmp_path / "tasks" / "shout.json").write_text(json.dumps(task))
+    assert main(["tasks", "--data-dir", str(tmp_path)]) == 0
+    assert load_task("shout").name == "shout"  # no data_dir argument: found through the environment
