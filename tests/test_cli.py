@@ -70,7 +70,8 @@ def test_data_dir_reaches_task_loads_inside_the_library(tmp_path, monkeypatch):
 
     from castlens.tasks import load_task
 
-    monkeypatch.delenv("CASTLENS_DATA", raising=False)
+    monkeypatch.setenv("CASTLENS_DATA", "unset")  # recorded, so the value main() exports is undone afterwards
+    monkeypatch.delenv("CASTLENS_DATA")
     (tmp_path / "tasks").mkdir()
     up = load_task("uppercase")
     task = {"name": "shout", "kind": "generation", "instruction": up.instruction,
