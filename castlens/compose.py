@@ -259,31 +259,27 @@ def run_compose(model, library_vectors: Mapping[str, object], targets: Sequence,
     ``results.csv``, ``results.md``, ``coefficients.csv`` and a coefficient heatmap in ``out``. ``compare_to``:
     a finished run on the same targets (e.g. the real library, when this run is the random-library control);
     writes ``comparison.md`` with the paired difference of its Steer2Adapt accuracy minus this run's."""
-    import json
     from pathlib import Path
 
     from castlens import plots
-    from castlens.transfer import _fmt_delta, _write_json, results_csv, summarize
+    from castlens.transfer import _fmt_delta, results_csv, resumable_parts, summarize
     from castlens.vectors import _atomic_write
 
     out = Path(out)
-    parts = []
-    for i, t in enumerate(targets, 1):
-        path = out / "parts" / f"{t.name}.part.json"
-        if path.exists():
-            parts.append(json.loads(path.read_text()))
-            log(f"[{i}/{len(targets)}] {t.name}: finished earlier, kept")
-            continue
+
+    def compute(t, done: list[dict]) -> dict:
         lib = {k: v for k, v in library_vectors.items()
                if k != t.name and not (leave_out_family and family(k) == family(t.name))}
         if not lib:
             raise ValueError(f"target {t.name!r}: no library vector left after leaving out its family")
-        log(f"[{i}/{len(targets)}] {t.name}: library {', '.join(lib)}")
+        log(f"  library {', '.join(lib)}")
         part = adapt(model, lib, t, **adapt_kw)
-        _write_json(path, part)
-        parts.append(part)
         z, s = (np.mean(part["methods"][m]["correct"]) for m in ("zero_shot", "steer2adapt"))
         log(f"  zero-shot {100 * z:.1f}%, Steer2Adapt {100 * s:.1f}%; alpha {np.round(part['alpha'], 2).tolist()}")
+        return part
+
+    finished = resumable_parts(out, targets, adapt_kw.get("limit"), compute, log)
+    parts = [finished[t.name] for t in targets]
     rows = summarize(parts, n_boot=n_boot, methods=ADAPT_METHODS, refs=(("zero_shot", "zero"), ("icl_examples", "icl")))
     cols = ["target", "method", "accuracy", "ci_lo", "ci_hi", "macro_f1", "delta_zero", "delta_zero_lo",
             "delta_zero_hi", "delta_zero_noise", "delta_icl", "delta_icl_lo", "delta_icl_hi", "delta_icl_noise",

@@ -196,7 +196,7 @@ def run_target(model, cfg: StudyConfig, target: Task, sources: dict[str, Task], 
     rendered = [default_format(sources[pool[i][0]]).render(pool[i][1], True)
                 for i in ranking.get("cast", [])[:max(cfg.ns, default=0)]]
     blocks = [_enc(model, b + fmt.separator) for b in rendered]
-    icl, used, done = {}, {}, {}
+    icl, done = {}, {}
     for n in sorted(cfg.ns):  # no ns: no scaling, no ICL
         k = fit_demos(model, blocks[:n], zero_prefix, room)  # zero_prefix: the instruction after the demos
         while True:  # the block-wise count can be off by a merged token at a boundary: never overflow
@@ -204,7 +204,6 @@ def run_target(model, cfg: StudyConfig, target: Task, sources: dict[str, Task], 
             if len(prefix) + room <= context_length(model) or k == 0:
                 break
             k -= 1
-        used[n] = k
         if k not in done:
             t0 = time.perf_counter()
             bs = batch_size if len(prefix) < 2000 else min(batch_size, 8)  # long prefix: 8 measured fastest
