@@ -62,6 +62,38 @@ class Task:
         return items
 
 
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task at a glance, as ``castlens tasks`` lists it: ``n_labels`` is the label count of a classification
+    task (``None`` for generation), ``n_train``/``n_test`` the split sizes, ``source`` ``builtin`` or the file."""
+
+    name: str
+    kind: str
+    n_labels: int | None
+    n_train: int
+    n_test: int
+    language: str = "en"
+    source: str = "builtin"
+
+
+def task_info(task: Task | str | os.PathLike, data_dir: str | os.PathLike | None = None) -> TaskInfo:
+    """The :class:`TaskInfo` of ``task``: a loaded :class:`Task`, or a name or path for :func:`load_task`."""
+    t = task if isinstance(task, Task) else load_task(task, data_dir)
+    return TaskInfo(name=t.name, kind=t.kind, n_labels=None if t.labels is None else len(t.labels),
+                    n_train=len(t.train), n_test=len(t.test), language=t.language, source=t.source)
+
+
+def task_infos(data_dir: str | os.PathLike | None = None) -> list[TaskInfo]:
+    """:func:`task_info` of every task :func:`list_tasks` names (the built-in ones, then the collection's, each
+    file loaded and validated: a broken file is a :class:`TaskError` naming it)."""
+    folder = None
+    try:
+        folder = find_data_dir(data_dir)
+    except TaskError:
+        pass
+    return [task_info(name, folder) for name in list_tasks(folder)]
+
+
 def _repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
