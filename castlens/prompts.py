@@ -19,6 +19,7 @@ Two controls replace the demonstrations of a few-shot prompt, keeping instructio
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field
 
@@ -73,27 +74,76 @@ def cross_task_prompt(query: Example, demos: list[Example], source_fmt: PromptFo
                               target_fmt.instruction, target_fmt.render(query, False)])
 
 
-def fit_demonstrations(query: Example, demos: list[Example], fmt: PromptFormat, n_tokens, limit: int
-                       ) -> tuple[str, list[Example]]:
+def fit_demonstrations(query: Example, demos: list[Example], fmt: PromptFormat, n_tokens, limit: int,
+                       task: str | None = None, min_fraction: float = 0.25) -> tuple[str, list[Example]]:
     """The few-shot prompt with as many of the *last* demonstrations as fit in ``limit`` tokens: left truncation,
     the earliest demonstrations are dropped first; instruction and query are never cut. ``n_tokens(str) -> int``
-    counts tokens (this module knows no model). Returns the prompt and the demonstrations kept; raises TaskError
-    when even the zero-shot prompt is too long."""
-    for k in range(len(demos), -1, -1):
+    counts tokens (this module knows no model). Returns the prompt and the demonstrations kept.
+
+    Raises :class:`TaskError` (naming ``task`` and the query) when the zero-shot prompt alone is too long, and
+    when too few demonstrations fit: fewer than one (a prompt with none would make a zero steering vector, its
+    "few-shot" side being the zero-shot prompt itself), or fewer than ``min_fraction`` of those given (rounded
+    up). The default 0.25 lets 1 of 4 through; raise it (0.5: keep at least half) to refuse heavier cuts."""
+    if not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"min_fraction must be in [0, 1], got {min_fraction}")
+    where = (f"task {task!r}, " if task else "") + f"query {query.input[:60]!r}"
+    zero = n_tokens(few_shot_prompt(query, [], fmt))
+    if zero > limit:
+        raise TaskError(f"{where}: the zero-shot prompt alone has {zero} tokens, {zero - limit} over the limit of "
+                        f"{limit} (the query itself is too long; no number of demonstrations fits)")
+    if not demos:
+        return few_shot_prompt(query, [], fmt), []
+    need = max(1, math.ceil(min_fraction * len(demos) - 1e-9))
+    for k in range(len(demos), 0, -1):
         kept = demos[len(demos) - k:]
         prompt = few_shot_prompt(query, kept, fmt)
         if n_tokens(prompt) <= limit:
-            return prompt, kept
-    raise TaskError(f"query {query.input[:60]!r}...: the zero-shot prompt alone is longer than {limit} tokens")
+            break
+    else:
+        one = n_tokens(few_shot_prompt(query, demos[-1:], fmt))
+        raise TaskError(f"{where}: not one of the {len(demos)} demonstrations fits in the {limit}-token context "
+                        f"beside the query (the zero-shot prompt has {zero} tokens, with the last demonstration "
+                        f"{one}); with none the few-shot prompt would equal the zero-shot one and the steering "
+                        "vector would be zero. Use shorter demonstrations or a model with a longer context")
+    if k < need:
+        raise TaskError(f"{where}: only {k} of the {len(demos)} demonstrations fit in the {limit}-token context "
+                        f"(at least {need} required, min_fraction={min_fraction}); use shorter or fewer "
+                        "demonstrations, or a lower min_fraction")
+    return prompt, kept
+
+
+def _sameness(examples: list[Example], split: str) -> str:
+    """Why a pool of examples offers so few distinct inputs: ``" (all 12 train inputs are empty)"`` etc."""
+    inputs = {e.input for e in examples}
+    if len(examples) > 1 and inputs == {""}:
+        return f" (all {len(examples)} {split} inputs are empty)"
+    if len(examples) > 1 and len(inputs) == 1:
+        return f" (all {len(examples)} {split} inputs are identical: {next(iter(inputs))[:60]!r})"
+    return ""
 
 
 def sample_demos(pool: list[Example], k: int, rng: random.Random, exclude: Example | None = None,
-                 task: str = "?") -> list[Example]:
-    """``k`` distinct demonstrations from ``pool``; never one whose input equals ``exclude``'s input."""
+                 task: str = "?", split: str = "train") -> list[Example]:
+    """``k`` distinct demonstrations from ``pool`` (the ``split`` split, for messages); never one whose input
+    equals ``exclude``'s input. Too few candidates is an error that says why (e.g. every input equals the
+    query's)."""
     candidates = [e for e in pool if exclude is None or e.input != exclude.input]
     if k > len(candidates):
-        raise TaskError(f"task {task!r}: {k} demonstrations asked for, only {len(candidates)} available")
+        raise TaskError(f"task {task!r}: {k} demonstrations asked for, only {len(candidates)} available"
+                        + _why_too_few(pool, len(candidates), exclude, split))
     return rng.sample(candidates, k)
+
+
+def _why_too_few(pool: list[Example], n_candidates: int, exclude: Example | None, split: str) -> str:
+    n, left_out = len(pool), len(pool) - n_candidates
+    if exclude is not None and left_out == n and n:
+        what = "are empty, like the query's" if exclude.input == "" else \
+            f"are identical to the query's input {exclude.input[:60]!r}"
+        return f": all {n} {split} inputs {what} (a demonstration never repeats its query's input)"
+    if left_out:
+        return (f": {left_out} of the {n} {split} inputs equal the query's input and are left out"
+                + _sameness(pool, split))
+    return f": the {split} split has {n} examples" + _sameness(pool, split)
 
 
 @dataclass(frozen=True)
@@ -119,17 +169,21 @@ def contrastive_pairs(task: Task, n: int, k: int, seed: int = 0, split: str = "t
     if n < 1 or k < 0:
         raise TaskError(f"task {task.name!r}: need n >= 1 and k >= 0, got n={n}, k={k}")
     rng = random.Random(f"{seed}:{task.name}:{split}:{n}:{k}")
-    pool = task.split(split)
+    full = pool = task.split(split)
     train = task.split(demo_split) if k else []
-    shared = sample_demos(train, k, rng, task=task.name) if fixed_demos else None
+    shared = sample_demos(train, k, rng, task=task.name, split=demo_split) if fixed_demos else None
     if shared is not None:
         banned = {d.input for d in shared}
         pool = [e for e in pool if e.input not in banned]
     if n > len(pool):
-        raise TaskError(f"task {task.name!r}: {n} queries asked for, the {split} split has {len(pool)} usable")
+        why = f": {len(full) - len(pool)} of its {len(full)} inputs are the input of a fixed demonstration" \
+            if len(pool) < len(full) else ""
+        raise TaskError(f"task {task.name!r}: {n} queries asked for, the {split} split has {len(pool)} usable"
+                        + why + _sameness(full, split))
     pairs = []
     for q in rng.sample(pool, n):
-        demos = shared if shared is not None else sample_demos(train, k, rng, exclude=q, task=task.name)
+        demos = shared if shared is not None else sample_demos(train, k, rng, exclude=q, task=task.name,
+                                                               split=demo_split)
         pairs.append(PromptPair(task.name, q.input, zero_shot_prompt(q, fmt), few_shot_prompt(q, demos, fmt),
                                 tuple(demos)))
     return pairs
