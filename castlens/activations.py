@@ -9,12 +9,19 @@ by the batch, never by a full activation cache:
 * the last real token is found from the attention mask for either padding side; with left padding the bridge
   derives position ids from the mask, so every row sees the positions it would see alone;
 * the forward stops after the deepest layer read (no later block, no unembedding), with attention in its
-  native sdpa form (:func:`castlens.models.residual_stream_only`).
+  native sdpa form (:func:`castlens.models.residual_stream_only`);
+* each batch's forward runs inside :func:`prompt_ends`, so an active ``steering(..., positions="last")`` steers
+  each row's last *prompt* token, not the last column of the padded batch (padding, for shorter rows).
+
+Too long is an error, never a silent cut: :class:`PromptTooLongError` names the prompt, the task when the caller
+gives it, and what to shorten (the demonstrations only when they are what makes the prompt too long).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -27,7 +34,71 @@ HOOK = "blocks.{layer}.hook_resid_post"
 
 
 class PromptTooLongError(ValueError):
-    """A prompt longer than the model's context (the policy is to refuse, never to truncate silently)."""
+    """A prompt longer than the model's context (the policy is to refuse, never to truncate silently).
+
+    Carries ``n_tokens``, ``limit``, ``index`` (the prompt's position in the caller's list, if known), ``task``
+    (if the caller knows it) and ``query_tokens``: the token count of the same prompt *without* demonstrations
+    (its zero-shot form), if the caller knows it. The message follows from them:
+
+    * ``query_tokens > limit``: the query itself is too long; no number of demonstrations helps;
+    * ``query_tokens <= limit``: the demonstrations make it too long; use fewer or shorter ones;
+    * ``query_tokens`` unknown: the prompt is too long; shorten it (its demonstrations, if it has any).
+    """
+
+    def __init__(self, n_tokens: int, limit: int, index: int | None = None, task: str | None = None,
+                 query_tokens: int | None = None):
+        self.n_tokens, self.limit, self.index, self.task, self.query_tokens = n_tokens, limit, index, task, \
+            query_tokens
+        super().__init__(self._message())
+
+    def __reduce__(self):  # pickles (multiprocessing) with its fields, not just the message
+        return type(self), (self.n_tokens, self.limit, self.index, self.task, self.query_tokens)
+
+    def _message(self) -> str:
+        head = (f"task {self.task!r}: " if self.task else "") + \
+            ("the prompt" if self.index is None else f"prompt {self.index}")
+        q, limit = self.query_tokens, self.limit
+        if q is not None and q > limit:
+            return (f"{head}: the query itself is {q - limit} tokens over the model's limit of {limit} (it has {q} "
+                    f"tokens without any demonstration, more than the model's context of {limit}); no number of "
+                    "demonstrations makes it fit: shorten the query or use a model with a longer context")
+        told = f"{head} has {self.n_tokens} tokens, more than the model's context of {limit}"
+        if q is not None:
+            return (f"{told}, because of its demonstrations (without them it has {q}): use fewer or shorter "
+                    "demonstrations, or drop the earliest ones (truncate_demos=True, --truncate-demos); castlens "
+                    "never truncates a prompt silently")
+        return f"{told}: shorten it (fewer or shorter demonstrations, if it has any); castlens never truncates a " \
+            "prompt silently"
+
+
+# ---------------------------------------------------------------- where each row's prompt ends
+_PROMPT_LAST: ContextVar[Tensor | None] = ContextVar("castlens_prompt_last", default=None)
+
+
+@contextlib.contextmanager
+def prompt_ends(last: Int[Tensor, "batch"]) -> Iterator[None]:
+    """Tell an active :func:`castlens.steering.steering` ``(positions="last")`` which position of each row is the
+    last token of that row's *prompt*, for every forward pass run inside this context.
+
+    In a right-padded batch the last column is padding for the shorter rows, and in a scoring pass
+    (``prompt + option``) it is the last option token, after every position read; neither is "the last token"
+    CAST steers. castlens' own batch loops (:func:`last_token_resid`, :func:`mean_resid`,
+    :func:`castlens.evaluation.option_logprobs`, :func:`castlens.steering.generate`) wrap each forward in this
+    context; code that runs its own batched forward passes can do the same. ``last`` is ``[batch]``, one index
+    per row of the pass's input ids; the innermost context wins."""
+    if last.ndim != 1 or last.dtype.is_floating_point or last.dtype == torch.bool:
+        raise ValueError(f"prompt_ends needs a 1-D integer tensor [batch], got {last.dtype} of shape "
+                         f"{tuple(last.shape)}")
+    token = _PROMPT_LAST.set(last)
+    try:
+        yield
+    finally:
+        _PROMPT_LAST.reset(token)
+
+
+def current_prompt_ends() -> Int[Tensor, "batch"] | None:
+    """The per-row prompt-last indices registered by the innermost :func:`prompt_ends`, or ``None``."""
+    return _PROMPT_LAST.get()
 
 
 def tokenize(model, texts: Sequence[str], chat: bool = False) -> list[list[int]]:
@@ -74,24 +145,33 @@ def length_sorted_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> lis
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def check_lengths(model, seqs: Sequence[Sequence[int]]) -> None:
+def check_lengths(model, seqs: Sequence[Sequence[int]], task: str | None = None,
+                  query_lengths: Sequence[int | None] | None = None) -> None:
+    """Refuse an empty prompt or one longer than the model's context (:class:`PromptTooLongError`).
+
+    ``task`` names the task in the error. ``query_lengths[i]``, if given, is the token count of prompt ``i``
+    without its demonstrations (its zero-shot form): with it the error says whether the demonstrations or the
+    query itself make the prompt too long."""
     limit = context_length(model)
+    if query_lengths is not None and len(query_lengths) != len(seqs):
+        raise ValueError(f"{len(seqs)} prompts but {len(query_lengths)} query lengths")
     for i, s in enumerate(seqs):
         if len(s) == 0:
-            raise ValueError(f"prompt {i} is empty after tokenization")
-        if len(s) > limit:
-            raise PromptTooLongError(
-                f"prompt {i} has {len(s)} tokens, more than the model's context of {limit}; use fewer or "
-                "shorter demonstrations (castlens never truncates a prompt silently)")
+            raise ValueError((f"task {task!r}: " if task else "") + f"prompt {i} is empty after tokenization")
+        q = None if query_lengths is None else query_lengths[i]
+        if len(s) > limit or (q is not None and q > limit):
+            raise PromptTooLongError(len(s), limit, index=i, task=task, query_tokens=q)
 
 
 def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layers: Sequence[int] | None = None,
                      batch_size: int = 16, padding_side: str = "right", chat: bool = False,
-                     progress: bool | None = None) -> Float[Tensor, "prompt layer d_model"]:
+                     progress: bool | None = None, task: str | None = None) -> Float[Tensor, "prompt layer d_model"]:
     """``blocks.{L}.hook_resid_post`` at each prompt's last token, for each ``L`` in ``layers`` (default all).
 
     ``prompts`` are strings or token-id lists. Prompts are batched longest first (less padding) and the result is
-    returned in the input order, in float32 on the CPU: shape ``[len(prompts), len(layers), d_model]``.
+    returned in the input order, in float32 on the CPU: shape ``[len(prompts), len(layers), d_model]``. Under
+    ``steering(..., positions="last")`` each prompt's last token is the one steered. ``task`` names the task in
+    the error for a prompt that is too long.
     """
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
@@ -101,7 +181,7 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     seqs = tokenize(model, prompts, chat) if isinstance(prompts[0], str) else [list(p) for p in prompts]
-    check_lengths(model, seqs)
+    check_lengths(model, seqs, task=task)
 
     out = torch.empty(len(seqs), len(layers), model.cfg.d_model, dtype=torch.float32)
     deepest = max(layers)
@@ -123,26 +203,30 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
             ids, mask, last = pad_batch([seqs[r] for r in rows], pad_id(model), padding_side)
             state["rows"], state["last"] = torch.tensor(rows), last.to(device)
             try:
-                model(ids.to(device), attention_mask=mask.to(device), return_type=None)
+                with prompt_ends(state["last"]):
+                    model(ids.to(device), attention_mask=mask.to(device), return_type=None)
             except StopForward:
                 pass
     return out
 
 
 def mean_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layer: int, batch_size: int = 16,
-               progress: bool | None = None, skip: int = 1) -> Float[Tensor, "prompt d_model"]:
+               progress: bool | None = None, skip: int = 1, task: str | None = None
+               ) -> Float[Tensor, "prompt d_model"]:
     """The mean over each prompt's real tokens of ``blocks.{layer}.hook_resid_post``: a sentence embedding from
     the model itself (the default embedding of :mod:`castlens.selection`). Stops after ``layer``.
 
     The first ``skip`` positions are left out (of prompts longer than that): the first token is an attention
     sink whose residual norm is about 100x the others' in SmolLM2 (27,000 against 190 at layer 15), so with it
-    every mean points the same way (pairwise cosine 0.99 between unrelated sentences)."""
+    every mean points the same way (pairwise cosine 0.99 between unrelated sentences). Under
+    ``steering(..., positions="last")`` each prompt's last token is the one steered; ``task`` names the task in
+    the error for a prompt that is too long."""
     if not 0 <= layer < model.cfg.n_layers:
         raise ValueError(f"layer {layer} out of range for a model with {model.cfg.n_layers} layers")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     seqs = tokenize(model, prompts) if isinstance(prompts[0], str) else [list(p) for p in prompts]
-    check_lengths(model, seqs)
+    check_lengths(model, seqs, task=task)
     out = torch.empty(len(seqs), model.cfg.d_model, dtype=torch.float32)
     device = next(model.parameters()).device
     state: dict = {}
@@ -156,13 +240,14 @@ def mean_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layer: i
     with torch.inference_mode(), residual_stream_only(model), model.hooks(fwd_hooks=[(HOOK.format(layer=layer), hook)]):
         for rows in tqdm(batches, desc="embeddings", leave=False,
                          disable=not (progress if progress is not None else len(batches) > 4)):
-            ids, mask, _ = pad_batch([seqs[r] for r in rows], pad_id(model), "right")
+            ids, mask, last = pad_batch([seqs[r] for r in rows], pad_id(model), "right")
             keep = mask.clone()
             long = mask.sum(1) > skip
             keep[long, :skip] = 0  # right padding: the first positions are real tokens
             state["rows"], state["mask"] = torch.tensor(rows), keep
             try:
-                model(ids.to(device), attention_mask=mask.to(device), return_type=None)
+                with prompt_ends(last.to(device)):
+                    model(ids.to(device), attention_mask=mask.to(device), return_type=None)
             except StopForward:
                 pass
     return out

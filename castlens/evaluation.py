@@ -8,7 +8,9 @@ For a prompt ``x`` and options ``y_1..y_m`` (labels, letters or option texts), e
 the prediction is the argmax over options (with ``normalize="chars"``, the score divided by the option's
 character count, as lm-evaluation-harness's acc_norm). Prompt and continuation are tokenized separately and
 concatenated, so the prompt's tokens are identical across options. Works inside :func:`castlens.steering.steering`
-(hooks on the residual stream fire on every scoring pass).
+(hooks on the residual stream fire on every scoring pass); there ``positions="last"`` means each row's last
+*prompt* token (told to the steering hooks through :func:`castlens.activations.prompt_ends`), not the last
+option token or, in a right-padded batch, a padding position.
 
 Logits are computed only where they are read: the final residual stream is captured at the option positions,
 the forward stops there, and the model's own final norm and unembedding (``ln_final``, ``unembed``) are applied
@@ -24,16 +26,18 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from castlens.activations import HOOK, StopForward, check_lengths, length_sorted_batches, pad_batch, tokenize
+from castlens.activations import (HOOK, StopForward, check_lengths, length_sorted_batches, pad_batch, prompt_ends,
+                                  tokenize)
 from castlens.models import pad_id, residual_stream_only, tokenizer_of
 
 
 def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], options: Sequence[Sequence[str]],
                     sep: str = " ",
-                    batch_size: int = 16, chat: bool = False, progress: bool | None = None
+                    batch_size: int = 16, chat: bool = False, progress: bool | None = None, task: str | None = None
                     ) -> Float[Tensor, "prompt option"]:
     """Summed log-probability of ``sep + option`` after each prompt (text, or token ids); ``-inf`` pads rows with
-    fewer options."""
+    fewer options. A prompt that does not fit the model's context with its longest option raises
+    :class:`castlens.activations.PromptTooLongError` (naming ``task`` if given)."""
     if len(prompts) != len(options):
         raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists")
     if not prompts:
@@ -41,7 +45,10 @@ def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], opt
     tok = tokenizer_of(model)
     p_ids = tokenize(model, prompts, chat) if isinstance(prompts[0], str) else [list(p) for p in prompts]
     rows, where = [], []  # one row per (prompt, option)
+    longest = []  # each prompt with its longest option: what must fit the context
     for i, (ids, opts) in enumerate(zip(p_ids, options)):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty after tokenization")
         if not opts:
             raise ValueError(f"prompt {i} has no options")
         for j, opt in enumerate(opts):
@@ -50,7 +57,8 @@ def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], opt
                 raise ValueError(f"prompt {i}, option {j} ({opt!r}) tokenizes to nothing")
             rows.append(ids + cont)
             where.append((i, j, len(ids), len(cont)))
-    check_lengths(model, rows)
+        longest.append(max((rows[-k] for k in range(1, len(opts) + 1)), key=len))
+    check_lengths(model, longest, task=task)
     out = torch.full((len(prompts), max(len(o) for o in options)), float("-inf"))
     pad = pad_id(model)
     batches = length_sorted_batches(rows, batch_size)
@@ -67,8 +75,10 @@ def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], opt
                                                                   len(batches) > 4), leave=False):
             ids, mask, _ = pad_batch([rows[r] for r in batch], pad, "right")
             state["spans"] = [(where[r][2], where[r][3]) for r in batch]
+            ends = torch.tensor([where[r][2] - 1 for r in batch], device=device)  # each row's last prompt token
             try:
-                model(ids.to(device), attention_mask=mask.to(device), return_type=None)
+                with prompt_ends(ends):
+                    model(ids.to(device), attention_mask=mask.to(device), return_type=None)
             except StopForward:
                 pass
             logits = model.unembed(model.ln_final(torch.cat(state["h"])[None]))[0].float()

@@ -10,8 +10,12 @@ PROMPTS = ["Give the opposite of the word.\n\nhot\nAnswer:", "a b c d e f g h"]
 
 
 def resid_all_positions(model, ids):
-    """Every layer's resid_post at every position, via run_with_cache (a read path separate from castlens')."""
-    _, cache = model.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n.endswith("hook_resid_post"))
+    """Every layer's resid_post at every position, via run_with_cache (a read path separate from castlens').
+
+    On sdpa attention, the path steering() takes when only residual hooks are registered, so that steered and
+    unsteered runs can be compared bit for bit."""
+    with residual_stream_only(model):
+        _, cache = model.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n.endswith("hook_resid_post"))
     return torch.stack([cache[f"blocks.{L}.hook_resid_post"][0] for L in range(model.cfg.n_layers)])  # [L, pos, d]
 
 
@@ -34,7 +38,8 @@ def test_linear_in_strength_and_zero_is_identity(tiny):
     v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model)
     base = last_token_resid(tiny, PROMPTS)
     ids = torch.tensor(tokenize(tiny, PROMPTS[:1]))
-    logits = tiny(ids)
+    with residual_stream_only(tiny):  # the attention path steering() takes with only residual hooks
+        logits = tiny(ids)
     with steering(tiny, torch.zeros_like(v), layers=[0, 1, 2, 3], strength=5.0):
         assert torch.equal(tiny(ids), logits)
     for s in (0.5, 2.0):
@@ -143,3 +148,97 @@ def test_generation_last_differs_from_steering_every_new_token(tiny):
     prompt = list(range(50, 70))
     v = torch.randn(4, 64, generator=torch.Generator().manual_seed(4)) * 3
     assert generate(tiny, prompt, 6, v, 2, 3.0, "last") != generate(tiny, prompt, 6, v, 2, 3.0, "all")
+
+
+# ---------------------------------------------------------------- "last" = each row's last prompt token
+def hf_resid_steered_at(ref, ids, layer, add, at):
+    """Independent reference: every plain transformers decoder layer's output for one unpadded prompt, with
+    ``add`` added to layer ``layer``'s output at position ``at`` only. Shape [n_layers, pos, d_model]."""
+    outs = []
+
+    def steer(module, inputs, output):
+        hs = (output[0] if isinstance(output, tuple) else output).clone()
+        hs[:, at] += add
+        return (hs, *output[1:]) if isinstance(output, tuple) else hs
+
+    def grab(module, inputs, output):
+        outs.append((output[0] if isinstance(output, tuple) else output)[0])
+
+    handles = [ref.model.layers[layer].register_forward_hook(steer)]
+    handles += [m.register_forward_hook(grab) for m in ref.model.layers]
+    try:
+        with torch.no_grad():
+            ref.model(torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_last_token_resid_and_mean_resid_steer_each_rows_prompt_end(tiny, padding_side):
+    from castlens.activations import mean_resid
+
+    ref = tiny_hf_model(seed=0)
+    prompts = ["short", "a somewhat longer prompt", "mid length"]
+    seqs = tokenize(tiny, prompts)
+    v = torch.randn(4, 64, generator=torch.Generator().manual_seed(5)) * 2
+    with steering(tiny, v, layers=1, strength=3.0, positions="last"):
+        acts = last_token_resid(tiny, prompts, batch_size=3, padding_side=padding_side)
+        means = mean_resid(tiny, prompts, layer=2, batch_size=3, skip=0)
+    for i, ids in enumerate(seqs):
+        want = hf_resid_steered_at(ref, ids, 1, 3.0 * v[1], len(ids) - 1)
+        assert (acts[i] - want[:, -1]).abs().max() < 1e-4
+        assert (means[i] - want[2].mean(0)).abs().max() < 1e-4
+    base = last_token_resid(tiny, prompts)
+    assert torch.allclose(acts[:, 1] - base[:, 1], 3.0 * v[1].expand(3, -1), atol=1e-4)  # each row's own end
+
+
+def test_last_in_a_plain_batched_forward_is_refused_and_a_single_row_works(tiny):
+    seqs = tokenize(tiny, PROMPTS)
+    ids, mask, _ = pad_batch(seqs, 258, "right")
+    v = torch.randn(4, 64)
+    with steering(tiny, v, layers=1, positions="last"):
+        with pytest.raises(ValueError, match=r"forward pass of 2 rows.*cannot tell where each row's prompt ends.*"
+                                             r"Pass positions=<integer tensor \[batch\]"):
+            tiny(ids, attention_mask=mask)
+        alone = tiny(torch.tensor([seqs[1]]))  # one unpadded row: its last position
+    with steering(tiny, v, layers=1, positions=torch.tensor([len(seqs[1]) - 1])):
+        explicit = tiny(torch.tensor([seqs[1]]))
+    assert torch.equal(alone, explicit)
+    assert all(not hp._forward_hooks for hp in tiny.hook_dict.values())
+
+
+# ---------------------------------------------------------------- sdpa by default
+def test_steering_runs_on_sdpa_by_default_and_equals_eager(tiny):
+    ids = torch.tensor(tokenize(tiny, PROMPTS[:1]))
+    v = torch.randn(4, 64, generator=torch.Generator().manual_seed(6)) * 3
+    seen = []
+
+    def spy(x, hook):  # a residual hook: allowed on the fast path
+        seen.append(tiny.original_model.config._attn_implementation)
+
+    with torch.no_grad():
+        with steering(tiny, v, layers=2, strength=2.0, positions="last"), \
+                tiny.hooks(fwd_hooks=[("blocks.3.hook_resid_post", spy)]):
+            fast = tiny(ids)
+        with steering(tiny, v, layers=2, strength=2.0, positions="last", attention="eager"), \
+                tiny.hooks(fwd_hooks=[("blocks.3.hook_resid_post", spy)]):
+            eager = tiny(ids)
+    assert seen == ["sdpa", "eager"]
+    assert (fast - eager).abs().max() < 1e-5 and (fast - tiny(ids)).abs().max() > 1e-3
+    assert tiny.original_model.config._attn_implementation == "eager"
+    assert all(type(b.original_component.self_attn).__name__.endswith("Bridge") for b in tiny.blocks)
+
+
+def test_attention_internal_hooks_get_eager_attention_inside_steering(tiny):
+    """A hook inside attention (here run_with_cache of hook_pattern, added inside the context) makes that pass
+    eager, so it fires; the steered result is the same either way."""
+    ids = torch.tensor(tokenize(tiny, PROMPTS[:1]))
+    v = torch.randn(4, 64, generator=torch.Generator().manual_seed(8)) * 3
+    with torch.no_grad(), steering(tiny, v, layers=1, strength=2.0):
+        fast = tiny(ids)
+        logits, cache = tiny.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
+        again = tiny(ids)  # the hooks are gone again: back on sdpa
+    assert len(cache) == tiny.cfg.n_layers and cache["blocks.0.attn.hook_pattern"].shape[-1] == ids.shape[1]
+    assert (logits - fast).abs().max() < 1e-5 and torch.equal(again, fast)
