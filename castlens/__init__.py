@@ -1,10 +1,11 @@
 """castlens: an interpretability workbench for in-context-learning steering vectors on TransformerLens.
 
 Data flows one way: models and tasks/prompts -> activations -> vectors -> geometry or steering -> evaluation ->
-plots; ``reuse`` (shared prefixes, last-token sweeps) serves activations and evaluation, ``transfer`` runs the
-CAST comparison, ``selection`` chooses source samples and ``source_samples`` tests which and how many (the
-selection ablation and the scaling curve against cross-task ICL); ``compose`` is Steer2Adapt. Importing castlens
-is cheap: torch and transformer_lens load only when a function that needs them is used.
+experiments -> plots; ``reuse`` (shared prefixes, last-token sweeps) serves activations and evaluation,
+``selection`` chooses source samples, ``compose`` holds Steer2Adapt's library algebra and search, and
+``castlens.experiments`` the runs built on one protocol (transfer, the selection study, Steer2Adapt, the
+analysis). Importing castlens is cheap: torch and transformer_lens load only when a function that needs them is
+used.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ _EXPORTS = {
     "default_format": "castlens.prompts", "model_name": "castlens.models",
     "option_logprobs": "castlens.evaluation", "generate": "castlens.steering",
     "prefix_option_logprobs": "castlens.reuse", "prefix_last_token_resid": "castlens.reuse",
-    "TransferConfig": "castlens.transfer", "run_transfer": "castlens.transfer",
-    "StudyConfig": "castlens.source_samples", "run_study": "castlens.source_samples",
+    "contrastive_differences": "castlens.vectors", "vector_from_prompts": "castlens.vectors",
+    "TransferConfig": "castlens.experiments.transfer", "run_transfer": "castlens.experiments.transfer",
+    "StudyConfig": "castlens.experiments.selection_study", "run_study": "castlens.experiments.selection_study",
+    "ComposeConfig": "castlens.experiments.compose", "run_compose": "castlens.experiments.compose",
+    "tune_and_test": "castlens.experiments.protocol", "Run": "castlens.experiments.run",
+    "regenerate": "castlens.experiments",
 }
 
 

@@ -28,11 +28,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from castlens import geometry as geo
-from castlens.activations import last_token_resid
+from castlens.files import atomic_write
 from castlens.models import model_name, tokenizer_of
 from castlens.prompts import contrastive_pairs, default_format, filler_prompt, shuffled_label_prompt
 from castlens.tasks import load_task
-from castlens.vectors import SteeringVector
+from castlens.vectors import SteeringVector, contrastive_activations
 
 VARIANTS = ("few", "filler", "shuffled")
 
@@ -107,8 +107,8 @@ def collect(model, tasks: Sequence[str], n: int, shots: int, seed: int = 0, batc
         prompts = ([p.zero for p in pairs] + [p.few for p in pairs]
                    + [filler_prompt(p, fmt, n_tokens) for p in pairs]
                    + [shuffled_label_prompt(p, fmt, seed, task.labels) for p in pairs])
-        acts = last_token_resid(model, prompts, batch_size=batch_size, progress=progress).view(4, n, -1,
-                                                                                                model.cfg.d_model)
+        acts = contrastive_activations(model, *(prompts[k * n:(k + 1) * n] for k in range(4)),
+                                       batch_size=batch_size, progress=progress)
         zero = acts[0]
         out.zero[task.name], out.few[task.name] = zero, acts[1]
         for j, variant in enumerate(VARIANTS, 1):
@@ -176,10 +176,13 @@ def summarize(c: Collected, n_boot: int = 1000, seed: int = 0) -> dict:
 def _markdown(s: dict) -> str:
     b, cc = s["best_layer"], s["cross_task_cosine"]
 
+    def f(v: str, layer: int) -> str:
+        return f"{cc[v]['mean'][layer]:.3f} [{cc[v]['lo'][layer]:.3f}, {cc[v]['hi'][layer]:.3f}]" if v in cc else "n/a"
+
     def row(layer: int) -> str:
-        f = lambda v: f"{cc[v]['mean'][layer]:.3f} [{cc[v]['lo'][layer]:.3f}, {cc[v]['hi'][layer]:.3f}]"  # noqa: E731
         w, a = s["sample_cosine_within"][layer], s["sample_cosine_across"][layer]
-        return (f"| {layer}{' (best)' if layer == b else ''} | {f('few')} | {f('filler')} | {f('shuffled')} | "
+        return (f"| {layer}{' (best)' if layer == b else ''} | {f('few', layer)} | {f('filler', layer)} | "
+                f"{f('shuffled', layer)} | "
                 f"{s['random_cosine'][layer]:+.3f} | {w[0]:.3f} | {a[0]:.3f} | "
                 f"{s['shared_component_energy'][layer]:.3f} | {s['pca_explained_variance_ratio'][layer][0]:.3f} |")
 
@@ -207,12 +210,6 @@ def _markdown(s: dict) -> str:
     if s["notes"]:
         lines += ["", "Notes:"] + [f"- {n}" for n in s["notes"]]
     return "\n".join(lines) + "\n"
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_report(c: Collected, s: dict, out: str | os.PathLike, png: bool | None = None) -> list[Path]:
@@ -267,7 +264,7 @@ def write_report(c: Collected, s: dict, out: str | os.PathLike, png: bool | None
     for name, fig in figs.items():
         files += plots.save_figure(fig, out / name, png=png)
     js = out / "summary.json"
-    _atomic_text(js, json.dumps(s, indent=1))
+    atomic_write(js, json.dumps(s, indent=1))
     md = out / "summary.md"
-    _atomic_text(md, _markdown(s))
+    atomic_write(md, _markdown(s))
     return files + [js, md]

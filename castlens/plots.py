@@ -16,7 +16,6 @@ import importlib.metadata
 import os
 import shutil
 import textwrap
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
+
+from castlens.files import atomic_write
 
 __all__ = [
     "cosine_by_layer",
@@ -501,24 +502,11 @@ def png_export_available() -> bool:
     return any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome"))
 
 
-def _tmp_path(final: Path) -> Path:
-    # same directory (os.replace is atomic only within a filesystem), hidden, same extension
-    return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{final.suffix}")
-
-
-def _unlink(paths: list[Path]) -> None:
-    for p in paths:
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
-
-
 def save_figure(fig: go.Figure, path_stem: str | Path, png: bool = True) -> list[Path]:
     """Write ``<stem>.html`` (self-contained, plotly.js inlined) and, if ``png``, ``<stem>.png``.
 
-    Files are written to hidden temp files in the target directory and moved into place with
-    ``os.replace`` only when all of them succeeded, so no partial file is ever visible. Raises
+    Both are rendered in memory first and then written atomically (:func:`castlens.files.atomic_write`), so no
+    partial file is ever visible. Raises
     RuntimeError (with the install commands) when PNG export is unavailable; nothing is written
     then. Returns the written paths, HTML first.
     """
@@ -534,25 +522,13 @@ def save_figure(fig: go.Figure, path_stem: str | Path, png: bool = True) -> list
         if v is None or int(v.split(".")[0]) < 1:
             raise RuntimeError(f"kaleido is {'not installed' if v is None else f'version {v}'}. {PNG_EXPORT_FIX}")
 
-    tmps: list[Path] = []
-    try:
-        moves: list[tuple[Path, Path]] = []
-        if png:
-            tmp = _tmp_path(png_path)
-            tmps.append(tmp)
-            try:
-                fig.write_image(str(tmp), format="png")
-            except Exception as e:
-                if _export_unavailable(e):
-                    raise RuntimeError(f"PNG export failed ({type(e).__name__}: {str(e).strip()}). {PNG_EXPORT_FIX}") from e
-                raise
-            moves.append((tmp, png_path))
-        tmp = _tmp_path(html_path)
-        tmps.append(tmp)
-        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
-        moves.insert(0, (tmp, html_path))
-        for src, dst in moves:
-            os.replace(src, dst)
-    finally:
-        _unlink(tmps)  # no-op for files already moved into place
-    return [dst for _, dst in moves]
+    blobs: list[tuple[Path, bytes | str]] = [(html_path, fig.to_html(include_plotlyjs=True, full_html=True))]
+    if png:  # rendered before anything is written: a failed export leaves no file
+        try:
+            blobs.append((png_path, fig.to_image(format="png")))
+        except Exception as e:
+            if _export_unavailable(e):
+                raise RuntimeError(f"PNG export failed ({type(e).__name__}: {str(e).strip()}). {PNG_EXPORT_FIX}") from e
+            raise
+    return [atomic_write(path, data) for path, data in blobs]
+

@@ -18,10 +18,9 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -32,9 +31,13 @@ from torch import Tensor
 from castlens import __version__
 from castlens import geometry as geo
 from castlens.activations import HOOK, last_token_resid, tokenize
+from castlens.files import atomic_write
 from castlens.models import WEIGHT_PROCESSING, model_name, tokenizer_of
 from castlens.prompts import PromptFormat, PromptPair, contrastive_pairs, default_format, few_shot_prompt, sample_demos
 from castlens.tasks import Example, Task, load_task
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 FORMAT = "castlens.vectors/1"
 
@@ -102,16 +105,74 @@ def _prompt_records(model, pairs: Sequence[PromptPair], ids: Sequence[Sequence[i
              "zero_tokens": len(ids[i]), "few_tokens": len(ids[n + i])} for i, p in enumerate(pairs)]
 
 
-def contrastive_activations(model, pairs: Sequence[PromptPair], layers: Sequence[int] | None = None,
-                            batch_size: int = 16, chat: bool = False, progress: bool | None = None,
-                            ids: Sequence[Sequence[int]] | None = None
-                            ) -> tuple[Float[Tensor, "n layer d"], Float[Tensor, "n layer d"]]:
-    """Zero-shot and few-shot last-token activations of each pair (one batched pass over all prompts).
+Prompt = Union[str, Sequence[int]]
 
-    ``ids``: the token ids of ``[p.zero for p in pairs] + [p.few for p in pairs]`` if already tokenized."""
-    prompts = ids if ids is not None else [p.zero for p in pairs] + [p.few for p in pairs]
-    acts = last_token_resid(model, prompts, layers=layers, batch_size=batch_size, chat=chat, progress=progress)
-    return acts[: len(pairs)], acts[len(pairs):]
+
+def contrastive_activations(model: TransformerBridge, negative: Sequence[Prompt], *positives: Sequence[Prompt],
+                            prefixes: Sequence[Sequence[int]] | None = None, batch_size: int = 16,
+                            chat: bool = False, progress: bool | None = None
+                            ) -> Float[Tensor, "set sample layer d_model"]:
+    """Last-token residual stream ``h_L(prompt)[last]`` of the negative prompts (set 0) and of each positive set.
+
+    The one forward path behind every castlens vector (few vs zero-shot, filler or shuffled-label controls, any
+    contrastive positive/negative pairs). Prompts are text or token ids. Without ``prefixes`` all prompts run
+    in one batched pass (:func:`~castlens.activations.last_token_resid`); with ``prefixes`` (one per set,
+    negative first) every prompt of set ``j`` is ``prefixes[j] + prompt`` as ids, and each prefix runs once
+    (:func:`~castlens.reuse.prefix_last_token_resid`)."""
+    if not positives:
+        raise ValueError("contrastive activations need at least one set of positive prompts")
+    if len({len(negative), *(len(p) for p in positives)}) != 1 or not negative:
+        raise ValueError(f"every prompt set needs the same number (>= 1) of prompts, got {len(negative)} negative "
+                         f"and {[len(p) for p in positives]} positive")
+    sets = [negative, *positives]
+    if prefixes is None:
+        acts = last_token_resid(model, [x for s in sets for x in s], batch_size=batch_size, chat=chat,
+                                progress=progress)
+        return acts.view(len(sets), len(negative), *acts.shape[1:])
+    from castlens.reuse import prefix_last_token_resid
+
+    if len(prefixes) != len(sets):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(sets)} prompt sets")
+    if any(isinstance(x, str) for s in sets for x in s):
+        raise ValueError("prompts after a shared prefix must be token ids")
+    return torch.stack([prefix_last_token_resid(model, pre, [list(x) for x in s], batch_size=batch_size,  # type: ignore[arg-type]
+                                                progress=progress) for pre, s in zip(prefixes, sets)])
+
+
+def contrastive_differences(model: TransformerBridge, negative: Sequence[Prompt], *positives: Sequence[Prompt],
+                            **kw: Any) -> Float[Tensor, "set sample layer d_model"]:
+    """Per positive set ``k`` and sample ``i``: ``h_L(positive_k[i])[last] - h_L(negative[i])[last]``, every
+    layer (CAST Eq. 2 for few- vs zero-shot prompts); arguments as :func:`contrastive_activations`."""
+    acts = contrastive_activations(model, negative, *positives, **kw)
+    return acts[1:] - acts[0]
+
+
+def _ids_digest(ids: Sequence[int]) -> str:
+    return hashlib.sha256(json.dumps([int(i) for i in ids]).encode()).hexdigest()
+
+
+def vector_from_prompts(model: TransformerBridge, positive: Sequence[Prompt], negative: Sequence[Prompt],
+                        name: str = "custom", method: str = "mean_difference", chat: bool = False,
+                        batch_size: int = 16, keep_samples: bool = True) -> SteeringVector:
+    """A vector from prompts you wrote: the mean over pairs of ``h(positive_i) - h(negative_i)`` at the last
+    token (CAST few/zero-shot pairs, or any contrastive pairs as in CAA), text or token ids.
+
+    The provenance records each prompt's text (for text prompts) and the sha256 of its token ids, so the file
+    says exactly what the model saw."""
+    if len(positive) != len(negative) or not positive:
+        raise ValueError(f"need equally many (>= 1) positive and negative prompts, got {len(positive)} and "
+                         f"{len(negative)}")
+    ids = [tokenize(model, [x], chat)[0] if isinstance(x, str) else [int(t) for t in x]
+           for x in [*negative, *positive]]
+    (diffs,) = contrastive_differences(model, ids[:len(negative)], ids[len(negative):], batch_size=batch_size)
+    n = len(negative)
+    prompts = [{"negative": negative[i] if isinstance(negative[i], str) else None,
+                "positive": positive[i] if isinstance(positive[i], str) else None,
+                "negative_tokens": len(ids[i]), "positive_tokens": len(ids[n + i]),
+                "negative_ids_sha256": _ids_digest(ids[i]), "positive_ids_sha256": _ids_digest(ids[n + i])}
+               for i in range(n)]
+    return SteeringVector(directions=diffs.mean(0), model=model_name(model), task=name, n_samples=n, shots=0,
+                          seed=0, method=method, chat=chat, prompts=prompts, samples=diffs if keep_samples else None)
 
 
 def task_vector(model, task: Task | str, n: int, shots: int, seed: int = 0, fmt: PromptFormat | None = None,
@@ -141,8 +202,8 @@ def task_vector(model, task: Task | str, n: int, shots: int, seed: int = 0, fmt:
             fitted.append(p)
         pairs = fitted
     ids = tokenize(model, [p.zero for p in pairs] + [p.few for p in pairs], chat)
-    zero, few = contrastive_activations(model, pairs, batch_size=batch_size, progress=progress, ids=ids)
-    diffs = few - zero
+    (diffs,) = contrastive_differences(model, ids[:len(pairs)], ids[len(pairs):], batch_size=batch_size, chat=chat,
+                                       progress=progress)
     return SteeringVector(
         directions=diffs.mean(0), model=model_name(model), task=task.name, n_samples=n, shots=shots, seed=seed,
         prompt_format=fmt.to_dict(), chat=chat, prompts=_prompt_records(model, pairs, ids, chat),
@@ -169,20 +230,6 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p, p.with_suffix(".json")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_vectors(path: str | os.PathLike, vectors: dict[str, SteeringVector] | SteeringVector) -> Path:
     """Write ``vectors`` to ``<path>.safetensors`` plus ``<path>.json``; returns the safetensors path.
 
@@ -205,8 +252,8 @@ def save_vectors(path: str | os.PathLike, vectors: dict[str, SteeringVector] | S
     blob = st_save(tensors)
     doc = {"format": FORMAT, "safetensors": st_path.name, "sha256": hashlib.sha256(blob).hexdigest(),
            "vectors": meta}
-    _atomic_write(st_path, blob)
-    _atomic_write(js_path, json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8"))
+    atomic_write(st_path, blob)
+    atomic_write(js_path, json.dumps(doc, indent=1, ensure_ascii=False))
     return st_path
 
 
@@ -281,20 +328,41 @@ def random_like(directions: Float[Tensor, "layer d"], seed: int = 0) -> Float[Te
     return (r / r.norm(dim=-1, keepdim=True) * directions.double().norm(dim=-1, keepdim=True)).float()
 
 
-def icl_task_vector(model, task: Task | str, n: int, shots: int, seed: int = 0, dummy: str = "x",
-                    fmt: PromptFormat | None = None, chat: bool = False, batch_size: int = 16,
-                    data_dir: str | None = None) -> SteeringVector:
-    """Hendel et al. (2023) task vector: the last-token residual stream of ``shots`` demonstrations followed by a
-    dummy query, averaged over ``n`` demonstration sets. It is *patched in* (``steering(..., mode="replace")``)
-    at the last token of a zero-shot prompt, not added."""
+def text_ids(model: TransformerBridge, text: str) -> list[int]:
+    """Token ids of ``text`` with no special tokens: a piece that follows other ids."""
+    return list(tokenizer_of(model)(text, add_special_tokens=False)["input_ids"])
+
+
+def prefix_ids(model: TransformerBridge, blocks: Sequence[str | None], fmt: PromptFormat) -> list[int]:
+    """Token ids of the non-empty ``blocks`` joined by the format's separator and followed by it (the
+    tokenizer's special tokens first): the shared prefix of prompts whose query ids follow."""
+    text = fmt.separator.join(b for b in blocks if b)
+    return tokenize(model, [text + fmt.separator if text else ""])[0]
+
+
+def demonstration_states(model: TransformerBridge, prefixes: Sequence[Sequence[int]], query: Sequence[int]
+                         ) -> Float[Tensor, "set layer d_model"]:
+    """Hendel et al. (2023): the last-token residual stream of each demonstration prefix followed by ``query``
+    (a dummy query), every layer; their mean is the task vector, patched in (``mode="replace"``), not added."""
+    from castlens.reuse import prefix_last_token_resid
+
+    return torch.stack([prefix_last_token_resid(model, p, [list(query)])[0] for p in prefixes])
+
+
+def icl_task_vector(model: TransformerBridge, task: Task | str, n: int, shots: int, seed: int = 0,
+                    dummy: str = "x", fmt: PromptFormat | None = None, data_dir: str | None = None
+                    ) -> SteeringVector:
+    """The Hendel et al. (2023) task vector of ``task``: :func:`demonstration_states` of ``n`` seeded sets of
+    ``shots`` demonstrations (with the instruction) and a dummy query, averaged."""
     task = load_task(task, data_dir) if isinstance(task, str) else task
     fmt = fmt or default_format(task)
     rng = random.Random(f"{seed}:task_vector:{task.name}:{n}:{shots}")
     train = task.split("train")
-    prompts = [few_shot_prompt(Example(dummy, ""), sample_demos(train, shots, rng, task=task.name), fmt)
-               for _ in range(n)]
-    acts = last_token_resid(model, prompts, batch_size=batch_size, chat=chat)
-    return SteeringVector(directions=acts.mean(0), model=model_name(model), task=task.name, n_samples=n,
-                          shots=shots, seed=seed, method="task_vector (Hendel et al. 2023; patch, do not add)",
-                          prompt_format=fmt.to_dict(), chat=chat,
-                          prompts=[{"few": p, "dummy_query": dummy} for p in prompts])
+    sets = [sample_demos(train, shots, rng, task=task.name) for _ in range(n)]
+    prefixes = [prefix_ids(model, [fmt.instruction, *(fmt.render(d, True) for d in demos)], fmt) for demos in sets]
+    query = text_ids(model, fmt.render(Example(dummy, ""), False))
+    return SteeringVector(directions=demonstration_states(model, prefixes, query).mean(0), model=model_name(model),
+                          task=task.name, n_samples=n, shots=shots, seed=seed,
+                          method="task_vector (Hendel et al. 2023; patch, do not add)", prompt_format=fmt.to_dict(),
+                          prompts=[{"few": few_shot_prompt(Example(dummy, ""), d, fmt), "dummy_query": dummy}
+                                   for d in sets])

@@ -64,14 +64,11 @@ def test_selection_study_command_and_its_bad_options(tmp_path, tiny, capsys):
     assert not (tmp_path / "t").exists()  # refused before anything was written
 
 
-def test_data_dir_reaches_task_loads_inside_the_library(tmp_path, monkeypatch):
-    """--data-dir is exported as CASTLENS_DATA, so load_task calls deep in a run read the same collection."""
-    import json
-
+def test_data_dir_reaches_the_run_without_the_environment(tmp_path, monkeypatch):
+    """--data-dir is passed down to every task load of the run; nothing is written to the environment."""
     from castlens.tasks import load_task
 
-    monkeypatch.setenv("CASTLENS_DATA", "unset")  # recorded, so the value main() exports is undone afterwards
-    monkeypatch.delenv("CASTLENS_DATA")
+    monkeypatch.delenv("CASTLENS_DATA", raising=False)
     (tmp_path / "tasks").mkdir()
     up = load_task("uppercase")
     task = {"name": "shout", "kind": "generation", "instruction": up.instruction,
@@ -79,4 +76,9 @@ def test_data_dir_reaches_task_loads_inside_the_library(tmp_path, monkeypatch):
             "test": [{"input": e.input, "output": e.output} for e in up.test[:4]]}
     (tmp_path / "tasks" / "shout.json").write_text(json.dumps(task))
     assert main(["tasks", "--data-dir", str(tmp_path)]) == 0
-    assert load_task("shout").name == "shout"  # no data_dir argument: found through the environment
+    out = tmp_path / "run"
+    assert main(["transfer", "--model", "tiny-llama", "--data-dir", str(tmp_path), "--sources", "first_item",
+                 "--targets", "shout", "--n", "2", "--shots", "1", "--dev", "3", "--limit", "3", "--layers", "1",
+                 "--strengths", "1", "--n-boot", "20", "--no-png", "--out", str(out)]) == 0
+    assert "CASTLENS_DATA" not in os.environ
+    assert (out / "parts" / "shout.part.json").exists() and "shout,zero_shot" in (out / "results.csv").read_text()

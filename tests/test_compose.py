@@ -1,9 +1,12 @@
 """castlens.compose: library, basis, the adaptation objective and the coefficient search."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from castlens import compose
+from castlens.experiments.compose import METHODS, ComposeConfig, run_compose
 
 
 def test_objective_on_hand_made_cases():
@@ -92,22 +95,24 @@ def test_search_recovers_a_planted_combination_on_the_tiny_model(tiny):
 def test_run_compose_leaves_out_the_family_and_resumes(tmp_path, tiny):
     import json
 
-    from castlens.tasks import load_task
     from castlens.vectors import compute_vectors
 
     lib = compute_vectors(tiny, ["uppercase", "first_item", "next_number"], n=3, shots=2)
     lib["financial_phrasebank"] = lib["uppercase"]  # a stand-in vector under a sentiment task's name
-    fpb = load_task("sst2")  # the held-out target: same family as financial_phrasebank
-    kw = dict(layer=2, examples=2, n_trials=4, limit=8, batch_size=8)
-    rows = compose.run_compose(tiny, lib, [fpb, load_task("plural")], tmp_path, n_boot=50, log=lambda *a: None, **kw)
+    cfg = ComposeConfig(model="tiny-llama", library=tuple(lib), targets=("sst2", "plural"), layer=2, examples=2,
+                        trials=4, limit=8, n_boot=50)
+    rows = run_compose(tiny, lib, cfg, tmp_path, batch_size=8, png=False, log=lambda *a: None)
     part = json.loads((tmp_path / "parts" / "sst2.part.json").read_text())
     assert "financial_phrasebank" not in part["library"] and len(part["alpha"]) == 3  # same family: left out
     assert "financial_phrasebank" in json.loads((tmp_path / "parts" / "plural.part.json").read_text())["library"]
-    assert set(part["methods"]) == set(compose.ADAPT_METHODS) and part["scored_examples"]["search"] == 4 * 2
+    assert set(part["methods"]) == set(METHODS) and part["scored_examples"]["search"] == 4 * 2
     before = (tmp_path / "parts" / "plural.part.json").read_bytes()
-    again = compose.run_compose(tiny, lib, [fpb, load_task("plural")], tmp_path, n_boot=50, log=lambda *a: None, **kw)
+    again = run_compose(tiny, lib, cfg, tmp_path, batch_size=8, png=False, log=lambda *a: None)
     assert (tmp_path / "parts" / "plural.part.json").read_bytes() == before and again == rows
-    assert (tmp_path / "coefficients.csv").read_text().splitlines()[0] == "target,uppercase,first_item,next_number,financial_phrasebank"
+    with pytest.raises(ValueError, match="different config"):  # a resume with other settings is refused
+        run_compose(tiny, lib, replace(cfg, trials=5), tmp_path, png=False, log=lambda *a: None)
+    head = (tmp_path / "coefficients.csv").read_text().splitlines()[0]
+    assert head == "target,uppercase,first_item,next_number,financial_phrasebank"
 
 
 def test_random_library_keeps_names_and_norms_only():
@@ -125,19 +130,24 @@ def test_random_library_keeps_names_and_norms_only():
 
 def test_compare_runs_pairs_the_same_items(tmp_path):
     import json
+    from dataclasses import replace
 
-    from castlens.compose import compare_runs
+    from castlens.experiments.compose import compare_runs
+    from castlens.experiments.results import MethodResult, TargetResult
 
     gold = [0, 1, 2, 0, 1, 2, 0, 1]
-    there = {"target": "t", "n_test": 8, "gold": gold, "methods": {"steer2adapt": {"correct": [1] * 8}}}
-    here = {"target": "t", "n_test": 8, "gold": gold, "methods": {"steer2adapt": {"correct": [1, 0] * 4}}}
+
+    def part(correct):
+        return TargetResult("t", 8, gold, 1 / 3, 3 / 8, {"steer2adapt": MethodResult(correct, correct, 1.0, 0.0)})
+
+    there, here = part([1] * 8), part([1, 0] * 4)
     (tmp_path / "a" / "parts").mkdir(parents=True)
-    (tmp_path / "a" / "parts" / "t.part.json").write_text(json.dumps(there))
+    (tmp_path / "a" / "parts" / "t.part.json").write_text(json.dumps(there.to_dict()))
     md = compare_runs(tmp_path / "a", tmp_path / "b", [here], n_boot=200)
     row = next(line for line in md.splitlines() if line.startswith("| t |"))
     assert row.startswith("| t | 100.0 | 50.0 | +50.0 [")  # 4 of 8 items differ, all in favour of "there"
     assert not row.endswith("~ |")
     with pytest.raises(ValueError, match="other items"):
-        compare_runs(tmp_path / "a", tmp_path / "b", [{**here, "gold": gold[::-1]}])
+        compare_runs(tmp_path / "a", tmp_path / "b", [replace(here, gold=gold[::-1])])
     with pytest.raises(ValueError, match="no finished part"):
-        compare_runs(tmp_path / "a", tmp_path / "b", [{**here, "target": "u"}])
+        compare_runs(tmp_path / "a", tmp_path / "b", [replace(here, target="u")])

@@ -212,14 +212,13 @@ def test_missing_kaleido_raises_clear_error(tmp_path: Path, monkeypatch):
 
 
 def test_missing_browser_raises_clear_error_and_cleans_up(tmp_path: Path, monkeypatch):
-    """Simulated: plotly's own message when kaleido finds no Chrome, after a partial write."""
+    """Simulated: plotly's own message when kaleido finds no Chrome."""
     monkeypatch.setattr(P, "_kaleido_version", lambda: "1.5.0")
 
-    def no_chrome(self, file, *args, **kwargs):
-        Path(file).write_bytes(b"\x89PNG partial")
+    def no_chrome(self, *args, **kwargs):
         raise RuntimeError("\n\nKaleido requires Google Chrome to be installed.\n\n    $ plotly_get_chrome\n")
 
-    monkeypatch.setattr(go.Figure, "write_image", no_chrome)
+    monkeypatch.setattr(go.Figure, "to_image", no_chrome)
     with pytest.raises(RuntimeError, match=r"apt-get install -y chromium") as err:
         P.save_figure(_fig(), tmp_path / "fig")
     assert "Kaleido requires Google Chrome" in str(err.value) and err.value.__cause__ is not None
@@ -234,41 +233,42 @@ def test_real_export_with_unusable_browser_path_raises_clear_error(tmp_path: Pat
     assert [p for p in tmp_path.iterdir()] == []
 
 
-def test_failed_png_write_is_atomic(tmp_path: Path, monkeypatch):
-    """A non-export failure propagates unchanged; old files stay intact and no temp file is left."""
+def test_failed_png_render_writes_nothing(tmp_path: Path, monkeypatch):
+    """A non-export failure while rendering the PNG propagates unchanged; old files stay intact, no temp file."""
     (tmp_path / "fig.html").write_text("OLD HTML")
     (tmp_path / "fig.png").write_bytes(b"OLD PNG")
     monkeypatch.setattr(P, "_kaleido_version", lambda: "1.5.0")
 
-    def disk_full(self, file, *args, **kwargs):
-        Path(file).write_bytes(b"\x89PNG half a file")
+    def disk_full(self, *args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(go.Figure, "write_image", disk_full)
+    monkeypatch.setattr(go.Figure, "to_image", disk_full)
     with pytest.raises(OSError, match="No space left"):
         P.save_figure(_fig(), tmp_path / "fig")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.html", "fig.png"]
     assert (tmp_path / "fig.html").read_text() == "OLD HTML" and (tmp_path / "fig.png").read_bytes() == b"OLD PNG"
 
 
-def test_failed_html_write_is_atomic(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(P, "_kaleido_version", lambda: "1.5.0")
-    monkeypatch.setattr(go.Figure, "write_image", lambda self, file, *a, **k: Path(file).write_bytes(PNG_MAGIC))
+def test_failed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch):
+    """The disk fills while the HTML is being written: the temp file is removed and nothing appears."""
+    import castlens.files as files
 
-    def half_html(self, file, *args, **kwargs):
-        Path(file).write_text("<html><script>partial")
+    monkeypatch.setattr(P, "_kaleido_version", lambda: "1.5.0")
+    monkeypatch.setattr(go.Figure, "to_image", lambda self, *a, **k: PNG_MAGIC)
+
+    def full(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(go.Figure, "write_html", half_html)
+    monkeypatch.setattr(files.os, "fsync", full)
     with pytest.raises(OSError, match="disk full"):
         P.save_figure(_fig(), tmp_path / "fig")
-    assert list(tmp_path.iterdir()) == []  # neither the PNG nor the partial HTML appears
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_successful_write_replaces_old_files_without_temp_leftovers(tmp_path: Path, monkeypatch):
     (tmp_path / "fig.png").write_bytes(b"OLD")
     monkeypatch.setattr(P, "_kaleido_version", lambda: "1.5.0")
-    monkeypatch.setattr(go.Figure, "write_image", lambda self, file, *a, **k: Path(file).write_bytes(PNG_MAGIC + b"new"))
+    monkeypatch.setattr(go.Figure, "to_image", lambda self, *a, **k: PNG_MAGIC + b"new")
     paths = P.save_figure(_fig(), tmp_path / "fig")
     assert [p.name for p in paths] == ["fig.html", "fig.png"]
     assert (tmp_path / "fig.png").read_bytes() == PNG_MAGIC + b"new"

@@ -139,36 +139,36 @@ def test_sigkill_at_several_points_then_resume_gives_identical_results(tmp_path)
 
 
 def test_a_full_disk_is_a_clear_error_and_loses_nothing(tmp_path, tiny, monkeypatch, capsys):
-    from castlens import transfer as tr
-    from castlens import vectors as vec
+    from castlens import files
+    from castlens.experiments import transfer as tr
 
     cfg = tr.TransferConfig(model="tiny-llama", sources=("uppercase", "first_item"), targets=("last_item", "plural"),
                             n=6, shots=2, dev=6, limit=8, layers=(1,), strengths=(1.0,), n_boot=50)
-    real = vec._atomic_write
+    real = files.atomic_write
 
     def full_disk(path, data):
         if path.name == "plural.part.json":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, data)
+        return real(path, data)
 
-    monkeypatch.setattr(tr, "_atomic_write", full_disk)
+    monkeypatch.setattr(files, "atomic_write", full_disk)
     with pytest.raises(OSError, match="No space"):
         tr.run_transfer(tiny, cfg, tmp_path, png=False, log=lambda *a: None)
     first = (tmp_path / "parts" / "last_item.part.json").read_bytes()
     assert not (tmp_path / "parts" / "plural.part.json").exists() and not (tmp_path / "results.csv").exists()
-    monkeypatch.setattr(tr, "_atomic_write", real)
+    monkeypatch.setattr(files, "atomic_write", real)
     tr.run_transfer(tiny, cfg, tmp_path, png=False, log=lambda *a: None)
     assert (tmp_path / "parts" / "last_item.part.json").read_bytes() == first
 
 
 def test_atomic_write_failure_leaves_no_partial_file(tmp_path, monkeypatch):
-    from castlens import vectors as vec
+    from castlens import files
 
     target = tmp_path / "x.json"
     target.write_text("old")
-    monkeypatch.setattr(vec.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "disk full")))
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "disk full")))
     with pytest.raises(OSError):
-        vec._atomic_write(target, b"new content")
+        files.atomic_write(target, b"new content")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 

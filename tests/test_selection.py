@@ -96,7 +96,7 @@ def test_minilm_embeddings_equal_a_manual_mean_pooling():
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from castlens.transfer import embed_texts
+    from castlens.experiments.sources import embed_texts
 
     texts = ["The company's profit rose sharply.", "Which gas do plants take in?", "x",
              "a much longer sentence with many more words than the others in this small batch"]

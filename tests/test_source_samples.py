@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from castlens import source_samples as ss
-from castlens import transfer as tr
 from castlens.activations import last_token_resid
 from castlens.evaluation import option_logprobs
+from castlens.experiments import selection_study as ss
+from castlens.experiments.protocol import options_for
+from castlens.experiments.results import TargetResult
+from castlens.experiments.sources import source_demos
 from castlens.prompts import default_format
 from castlens.selection import select_indices
 from castlens.steering import steering
 from castlens.tasks import load_task
+from castlens.vectors import prefix_ids, text_ids
 
 CFG = dict(model="tiny-llama", sources=("uppercase", "first_item"), targets=("last_item", "plural", "medmcqa"),
            ablation_n=3, ns=(2, 5, 16), dev=6, limit=8, icl_limit=5, layers=(1, 2), strengths=(1.0, 4.0), pool=10,
@@ -32,19 +35,19 @@ def study(tiny, tmp_path_factory):
 
 def _prompt_ids(tiny, target, ex):
     fmt = default_format(target)
-    return tr._prefix(tiny, [fmt.instruction], fmt) + tr._enc(tiny, fmt.render(ex, False))
+    return prefix_ids(tiny, [fmt.instruction], fmt) + text_ids(tiny, fmt.render(ex, False))
 
 
 def _manual_vector(tiny, cfg, refs):
     """Mean over samples of (few-shot - zero-shot) last-token states, each prompt run alone in full."""
     sources = {s: load_task(s) for s in cfg.sources}
-    demos = tr._source_demos(list(sources.values()), cfg.shots, cfg.seed)
+    demos = source_demos(list(sources.values()), cfg.shots, cfg.seed)
     diffs = []
     for task, i in refs:
         t, fmt = sources[task], default_format(sources[task])
-        q = tr._enc(tiny, fmt.render(t.train[i], False))
-        few = tr._prefix(tiny, [fmt.instruction, *(fmt.render(d, True) for d in demos[task])], fmt) + q
-        zero = tr._prefix(tiny, [fmt.instruction], fmt) + q
+        q = text_ids(tiny, fmt.render(t.train[i], False))
+        few = prefix_ids(tiny, [fmt.instruction, *(fmt.render(d, True) for d in demos[task])], fmt) + q
+        zero = prefix_ids(tiny, [fmt.instruction], fmt) + q
         diffs.append(last_token_resid(tiny, [few], batch_size=1)[0] - last_token_resid(tiny, [zero], batch_size=1)[0])
     return torch.stack(diffs).mean(0)
 
@@ -69,7 +72,7 @@ def test_steered_predictions_equal_a_plain_steered_forward(tiny, study, variant)
     scores = []
     for ex in test:
         ids = _prompt_ids(tiny, target, ex)
-        opts, _ = tr.options_for(target, ex, default_format(target), cfg.n_candidates, cfg.seed)
+        opts, _ = options_for(target, ex, default_format(target), cfg.n_candidates, cfg.seed)
         with steering(tiny, vec, setting["layer"], setting["strength"], positions=torch.tensor([len(ids) - 1])):
             scores.append(option_logprobs(tiny, [ids], [opts], batch_size=1)[0])
     scores = torch.stack(scores)
@@ -94,13 +97,13 @@ def test_icl_uses_the_selected_samples_as_many_as_fit(tiny, study):
     for n, k in zip(cfg.ns, used):
         blocks = [default_format(sources[t]).render(sources[t].train[i], True)
                   for t, i in part["rankings"]["cast"][:k + 1]]
-        prefix = tr._prefix(tiny, [*blocks[:k], fmt.instruction], fmt)
-        qs = [tr._enc(tiny, fmt.render(test[i], False)) for i in items]
-        opts = [tr.options_for(target, test[i], fmt, cfg.n_candidates, cfg.seed)[0] for i in items]
-        room = max(len(q) + max(len(tr._enc(tiny, " " + o)) for o in os_) for q, os_ in zip(qs, opts))
+        prefix = prefix_ids(tiny, [*blocks[:k], fmt.instruction], fmt)
+        qs = [text_ids(tiny, fmt.render(test[i], False)) for i in items]
+        opts = [options_for(target, test[i], fmt, cfg.n_candidates, cfg.seed)[0] for i in items]
+        room = max(len(q) + max(len(text_ids(tiny, " " + o)) for o in os_) for q, os_ in zip(qs, opts))
         assert len(prefix) + room <= 512
         if k < n:  # one more demonstration would not have fit
-            longer = tr._prefix(tiny, [*blocks[:k + 1], fmt.instruction], fmt)
+            longer = prefix_ids(tiny, [*blocks[:k + 1], fmt.instruction], fmt)
             assert len(longer) + room > 512 - 2
         scores = option_logprobs(tiny, [prefix + q for q in qs], opts, batch_size=1)
         assert _close(part["icl"][f"icl@{n}"]["scores"], scores)
@@ -146,22 +149,22 @@ def test_tables_figures_and_resume(tiny, study):
     for f in ("ablation.csv", "scaling.csv", "results.md", "ablation.html", "scaling_mean.html",
               "scaling_plural.html", "candidates.safetensors", "config.json"):
         assert (out / f).exists(), f
-    by = {(r["target"], r["method"]): r for r in ablation}
+    by = {(r.target, r.method): r.cells() for r in ablation}
     for t in cfg.targets:  # the table's accuracy is the part's per-item mean
         assert by[(t, "cast@3")]["accuracy"] == pytest.approx(np.mean(parts[t]["methods"]["cast@3"]["correct"]))
     assert by[("mean", "cast@3")]["accuracy"] == pytest.approx(
         np.mean([np.mean(parts[t]["methods"]["cast@3"]["correct"]) for t in cfg.targets]))
-    sc = {(r["target"], r["method"]): r for r in scaling}
+    sc = {(r.target, r.method): r.cells() for r in scaling}
     p = parts["plural"]
     assert sc[("plural", "cast@5")]["accuracy"] == pytest.approx(
         np.mean([p["methods"]["cast@5"]["correct"][i] for i in p["icl_items"]]))
     assert sc[("plural", "icl@16")]["demos_used"] == p["icl"]["icl@16"]["demos_used"]
-    table = ss.paired_table([ss.icl_view(parts[t], cfg) for t in cfg.targets], cfg)
-    row = next(r for r in table if (r["target"], r["n"]) == ("plural", 5))
+    table = ss.paired_table([ss.icl_view(TargetResult.from_dict(parts[t])) for t in cfg.targets], cfg)
+    row = next(r for r in table if (r.target, r.n) == ("plural", 5))
     items = p["icl_items"]
     manual = np.mean([p["methods"]["cast@5"]["correct"][i] - p["methods"]["random@5"]["correct"][i] for i in items])
-    assert row["vs_random"][0] == pytest.approx(manual)
-    assert row["vs_icl"][0] == pytest.approx(
+    assert row.vs_random.point == pytest.approx(manual)
+    assert row.vs_icl.point == pytest.approx(
         np.mean([p["methods"]["cast@5"]["correct"][i] for i in items]) - np.mean(p["icl"]["icl@5"]["correct"]))
     assert len(table) == (len(cfg.targets) + 1) * len(cfg.ns)
     before = {f: f.stat().st_mtime_ns for f in (out / "parts").iterdir()}

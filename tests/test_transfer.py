@@ -5,7 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from castlens import transfer as tr
+from castlens.experiments import transfer as tr
+from castlens.experiments.protocol import options_for, split_dev
+from castlens.experiments.results import Interval, MethodResult, TargetResult, paired_delta, summarize
+from castlens.experiments.sources import candidate_pool, sample_diffs
 from castlens.prompts import default_format
 from castlens.tasks import load_task
 
@@ -16,23 +19,23 @@ CFG = dict(model="tiny-llama", sources=("uppercase", "first_item"), targets=("la
 def test_options_classification_and_generation():
     fpb = load_task("financial_phrasebank")
     ex = fpb.test[0]
-    opts, gold = tr.options_for(fpb, ex, default_format(fpb))
+    opts, gold = options_for(fpb, ex, default_format(fpb))
     assert opts == list(fpb.labels) and opts[gold] == ex.output
     plural = load_task("plural")
     for ex in plural.test[:10]:
-        opts, gold = tr.options_for(plural, ex, default_format(plural), n_candidates=4, seed=1)
+        opts, gold = options_for(plural, ex, default_format(plural), n_candidates=4, seed=1)
         assert len(set(opts)) == 4 and opts[gold] == ex.output
-        assert (opts, gold) == tr.options_for(plural, ex, default_format(plural), n_candidates=4, seed=1)
+        assert (opts, gold) == options_for(plural, ex, default_format(plural), n_candidates=4, seed=1)
 
 
 def test_dev_split_comes_from_train_and_is_disjoint_from_the_demo_pool():
     t = load_task("sciq")
-    dev, pool = tr._split_dev(t, 64, 4, seed=0)
+    dev, pool = split_dev(t, 64, 4, seed=0)
     train = {e.input for e in t.train}
     assert len(dev) == 64 and {e.input for e in dev} <= train and {e.input for e in pool} <= train
     assert not {e.input for e in dev} & {e.input for e in pool}
     assert not {e.input for e in dev + pool} & {e.input for e in t.test}
-    assert tr._split_dev(load_task("medmcqa"), 64, 4, 0) == ([], [])
+    assert split_dev(load_task("medmcqa"), 64, 4, 0) == ([], [])
 
 
 def test_summarize_against_a_manual_bootstrap():
@@ -41,11 +44,12 @@ def test_summarize_against_a_manual_bootstrap():
     zero = rng.integers(0, 3, 40).tolist()
     better = list(gold)  # always right
     methods = {"zero_shot": zero, "icl_cross_task": zero, "cast_mean_diff": better}
-    part = {"target": "t", "n_test": 40, "gold": gold, "chance": 1 / 3, "majority": 0.5,
-            "methods": {m: {"pred": p, "correct": [int(a == b) for a, b in zip(p, gold)], "prompt_tokens": 10.0,
-                            "seconds": 1.0, "setting": None} for m, p in methods.items()}}
-    rows = tr.summarize([part], n_boot=500, seed=0)
-    by = {(r["target"], r["method"]): r for r in rows}
+    part = TargetResult.from_dict({
+        "target": "t", "n_test": 40, "gold": gold, "chance": 1 / 3, "majority": 0.5,
+        "methods": {m: {"pred": p, "correct": [int(a == b) for a, b in zip(p, gold)], "prompt_tokens": 10.0,
+                        "seconds": 1.0, "setting": None} for m, p in methods.items()}})
+    rows = summarize([part], tr.METHODS, tr.REFS, n_boot=500, seed=0)
+    by = {(r.target, r.method): r.cells() for r in rows}
     acc = np.mean(np.asarray(zero) == np.asarray(gold))
     idx = np.random.default_rng(0).integers(0, 40, size=(500, 40))
     c = (np.asarray(zero) == np.asarray(gold)).astype(float)
@@ -81,28 +85,29 @@ def test_run_outputs_and_dev_chosen_settings(tmp_path, tiny):
     assert len(part["sweep"]) == n_sweep
     # steering leaves the prompt length alone; ICL pays for its demonstrations
     m = part["methods"]
-    assert m["cast_mean_diff"]["prompt_tokens"] == m["zero_shot"]["prompt_tokens"] < m["icl_cross_task"]["prompt_tokens"]
+    tokens = {k: m[k]["prompt_tokens"] for k in ("cast_mean_diff", "zero_shot", "icl_cross_task")}
+    assert tokens["cast_mean_diff"] == tokens["zero_shot"] < tokens["icl_cross_task"]
     assert len(rows) == 7 * 3
 
 
 def test_resume_after_interruption_gives_the_same_results(tmp_path, tiny, monkeypatch):
     _, _, full = _run(tmp_path, tiny, "full")
-    real, calls = tr.run_target, []
+    real, calls = tr.tune_and_test, []
 
     def dies_on_second(*a, **kw):
-        calls.append(a[2].name)
+        calls.append(a[1].task.name)
         if len(calls) == 2:
             raise KeyboardInterrupt("killed")
         return real(*a, **kw)
 
-    monkeypatch.setattr(tr, "run_target", dies_on_second)
+    monkeypatch.setattr(tr, "tune_and_test", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, tiny, "resumed")
     out = tmp_path / "resumed"
     assert (out / "parts" / "last_item.part.json").exists() and not (out / "parts" / "plural.part.json").exists()
     assert not (out / "results.csv").exists() and not list(out.rglob("*.tmp"))
     first = (out / "parts" / "last_item.part.json").read_bytes()
-    monkeypatch.setattr(tr, "run_target", real)
+    monkeypatch.setattr(tr, "tune_and_test", real)
     _run(tmp_path, tiny, "resumed")
     assert (out / "parts" / "last_item.part.json").read_bytes() == first  # a finished part is never rewritten
     assert (out / "results.csv").read_text() == (full / "results.csv").read_text()
@@ -119,7 +124,7 @@ def test_test_only_target_borrows_settings_from_the_other_targets(tmp_path, tiny
     part = json.loads((out / "parts" / "medmcqa.part.json").read_text())
     assert part["sweep"] == [] and "icl_in_task" not in part["methods"]
     assert all(part["chosen"][c]["borrowed_from"] == ["plural"] for c in tr.CONSTRUCTIONS)
-    assert any(r["target"] == "mean (1 of 2)" and r["method"] == "icl_in_task" for r in rows)
+    assert any(r.target == "mean (1 of 2)" and r.method == "icl_in_task" for r in rows)
     with pytest.raises(ValueError, match="no train split"):
         _run(tmp_path, tiny, "c", targets=("medmcqa",), limit=6)
 
@@ -139,7 +144,7 @@ def test_cli_transfer_bad_input_is_one_line(tmp_path, capsys):
 def test_graph_selection_chooses_per_target_vectors(tmp_path, tiny):
     cfg, rows, out = _run(tmp_path, tiny, "g", select="cast", pool=12)
     recs = {t: json.loads((out / "vectors" / f"{t}.sources.json").read_text()) for t in CFG["targets"]}
-    pool = tr.candidate_pool([load_task(s) for s in CFG["sources"]], CFG["shots"], 0, 12)
+    pool = candidate_pool([load_task(s) for s in CFG["sources"]], CFG["shots"], 0, 12)
     for t, rec in recs.items():
         assert rec["selection"] == "cast" and len(rec["samples"]) == CFG["n"]
         tasks = {t: load_task(t) for t in CFG["sources"]}
@@ -155,19 +160,23 @@ def test_paired_delta_against_a_manual_paired_bootstrap():
     parts = []
     for n in (30, 50):
         a, b = rng.integers(0, 2, n), rng.integers(0, 2, n)
-        parts.append({"n_test": n, "methods": {"a": {"correct": a.tolist()}, "b": {"correct": b.tolist()}}})
-    d, lo, hi = tr.paired_delta(parts, "a", "b", n_boot=400, seed=5)
+        parts.append(_part({"a": a.tolist(), "b": b.tolist()}))
+    d, lo, hi = (lambda iv: (iv.point, iv.lo, iv.hi))(paired_delta(parts, "a", "b", n_boot=400, seed=5))
     draws = []
     for p in parts:
-        idx = np.random.default_rng(5).integers(0, p["n_test"], size=(400, p["n_test"]))
-        x = np.asarray(p["methods"]["a"]["correct"]) - np.asarray(p["methods"]["b"]["correct"])
+        idx = np.random.default_rng(5).integers(0, p.n_test, size=(400, p.n_test))
+        x = np.asarray(p.methods["a"].correct) - np.asarray(p.methods["b"].correct)
         draws.append(x[idx].mean(1))
-    assert d == pytest.approx(np.mean([np.mean(np.subtract(p["methods"]["a"]["correct"], p["methods"]["b"]["correct"]))
+    assert d == pytest.approx(np.mean([np.mean(np.subtract(p.methods["a"].correct, p.methods["b"].correct))
                                        for p in parts]))
     assert (lo, hi) == pytest.approx(tuple(np.percentile(np.mean(draws, 0), [2.5, 97.5])))
-    same = tr.paired_delta([{"n_test": 4, "methods": {"a": {"correct": [1, 0, 1, 1]}, "b": {"correct": [1, 0, 1, 1]}}}],
-                           "a", "b")
-    assert same == (0.0, 0.0, 0.0)
+    same = paired_delta([_part({"a": [1, 0, 1, 1], "b": [1, 0, 1, 1]})], "a", "b")
+    assert same == Interval(0.0, 0.0, 0.0) and same.noise
+
+
+def _part(correct: dict) -> TargetResult:
+    n = len(next(iter(correct.values())))
+    return TargetResult("t", n, [0] * n, 0.5, 0.5, {m: MethodResult(c, c, 1.0, 0.0) for m, c in correct.items()})
 
 
 def test_sample_diffs_refuses_samples_of_other_tasks_before_running(tiny):
@@ -175,6 +184,6 @@ def test_sample_diffs_refuses_samples_of_other_tasks_before_running(tiny):
 
     up, plural = load_task("uppercase"), load_task("plural")
     with pytest.raises(TaskError, match=r"not sources: \['plural'\]"):
-        tr.sample_diffs(tiny, [up], [("uppercase", up.train[5]), ("plural", plural.train[0])], shots=2)
+        sample_diffs(tiny, [up], [("uppercase", up.train[5]), ("plural", plural.train[0])], shots=2)
     with pytest.raises(TaskError, match="no source samples"):
-        tr.sample_diffs(tiny, [up], [], shots=2)
+        sample_diffs(tiny, [up], [], shots=2)

@@ -1,0 +1,88 @@
+"""Analyze and vectors: the two runs that produce vectors rather than test them.
+
+* :func:`run_analysis`: the parallel-direction analysis (:mod:`castlens.analysis`) into a folder. The model work
+  (per-sample differences of the signal and both controls) is kept in ``vectors.safetensors`` and reused by a
+  rerun with the same tasks, ``n``, ``shots`` and seed; any vector file with per-sample tensors can be analysed
+  instead (``vectors=``), without controls if it has none.
+* :func:`run_vectors`: one few-minus-zero-shot vector per task into one file; each finished task is kept in
+  ``<out>.parts/`` so a killed run resumes, and an existing output is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from castlens.analysis import Collected, collect, summarize, write_report
+from castlens.models import model_name
+from castlens.tasks import load_task
+from castlens.vectors import SteeringVector, VectorFileError, load_vectors, save_vectors, task_vector
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["run_analysis", "run_vectors", "AnalysisResult"]
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    summary: dict
+    files: list[Path]
+
+
+def run_analysis(load: Callable[[], TransformerBridge], model: str, tasks: Sequence[str], n: int, shots: int,
+                 out: str | Path, seed: int = 0, png: bool | None = None, n_boot: int = 1000,
+                 data_dir: str | None = None, vectors: str | Path | None = None) -> AnalysisResult:
+    """The analysis into ``out``; ``load()`` gives the model and is called only if model work is needed."""
+    out = Path(out)
+    vec_file = out / "vectors.safetensors"
+    if vectors:
+        data = Collected.from_vectors(load_vectors(vectors))
+    elif vec_file.exists() and (out / "vectors.json").exists():  # resume: the model work is already done
+        data = Collected.from_vectors(load_vectors(vec_file))
+        if (data.model, sorted(data.tasks), data.n, data.shots, data.seed) != (model, sorted(tasks), n, shots, seed):
+            raise ValueError(f"{vec_file} holds a different run ({data.model}, {len(data.tasks)} tasks, n={data.n}, "
+                             f"shots={data.shots}); use another --out or delete it")
+        print(f"reusing {vec_file} (delete it to recompute)")
+    else:
+        for name in tasks:
+            load_task(name, data_dir)
+        data = collect(load(), tasks, n, shots, seed=seed, data_dir=data_dir)
+        save_vectors(vec_file, data.to_vectors())
+    summary = summarize(data, n_boot=n_boot, seed=seed)  # may refuse (fewer than 2 tasks): before any figure
+    return AnalysisResult(summary, write_report(data, summary, out, png=png))
+
+
+def run_vectors(model: TransformerBridge, tasks: Sequence[str], n: int, shots: int, out: str | Path, seed: int = 0,
+                chat: bool = False, batch_size: int = 16, data_dir: str | None = None, truncate_demos: bool = False,
+                overwrite: bool = False, log: Callable[[str], None] = print) -> tuple[Path, dict[str, SteeringVector]]:
+    """One vector per task into ``out`` (see the module docstring); returns the file and the vectors."""
+    out = Path(out)
+    st = out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
+    if st.exists() and not overwrite:
+        raise ValueError(f"{st} exists; pass --overwrite to replace it (or choose another --out)")
+    parts = out.with_name(out.name + ".parts")
+    want = {"model": model_name(model), "n_samples": n, "shots": shots, "seed": seed, "chat": chat}
+    vectors = {}
+    for i, name in enumerate(tasks, 1):
+        part = parts / name
+        try:
+            (v,) = load_vectors(part, model).values()
+            if all(getattr(v, k) == val for k, val in want.items()):
+                log(f"[{i}/{len(tasks)}] {name}: reusing the finished part {part}.safetensors")
+                vectors[name] = v
+                continue
+        except VectorFileError:
+            pass
+        t0 = time.perf_counter()
+        v = task_vector(model, name, n, shots, seed=seed, chat=chat, batch_size=batch_size, data_dir=data_dir,
+                        truncate_demos=truncate_demos, progress=True)
+        save_vectors(part, v)
+        log(f"[{i}/{len(tasks)}] {name}: {n} pairs in {time.perf_counter() - t0:.1f}s")
+        vectors[name] = v
+    path = save_vectors(out, vectors)
+    shutil.rmtree(parts, ignore_errors=True)
+    return path, vectors

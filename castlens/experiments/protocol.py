@@ -1,0 +1,310 @@
+"""Protocol: how every castlens experiment tunes a steering vector and tests it, written once.
+
+For one target task and a table of candidate vectors (constructions), :func:`tune_and_test` does::
+
+    dev, pool = split of the target's train split        (dev items; the rest are in-task demonstrations)
+    for every construction c and setting s in its grid:  dev score of s      (one pass: castlens.reuse)
+    chosen[c] = argmax_s pick(dev scores of s)            (default: dev accuracy, ties by gold log-prob, order)
+    test: zero-shot and each chosen setting               (one pass; steering at the last prompt token)
+
+Hyper-parameters are never chosen on test items. A target without a train split borrows, per construction, the
+setting with the best mean dev accuracy over the other targets of the run (``donors``). Scoring: each answer
+option is scored by the summed log-probability of its verbalisation after the prompt; classification targets
+score their labels, generation targets the gold output among ``n_candidates`` outputs of other items.
+
+Extra methods that use a different prompt (in-task or cross-task ICL) are scored on the same test items with
+:func:`prompted`. The result is a :class:`~castlens.experiments.results.TargetResult`; an experiment adds the
+methods it compares and writes tables from :func:`~castlens.experiments.results.summarize`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from castlens.experiments.results import UNSTEERED_NAME, MethodResult, Setting, SweepPoint, TargetResult
+from castlens.prompts import PromptFormat, default_format, sample_demos
+from castlens.reuse import UNSTEERED, prefix_option_logprobs
+from castlens.reuse import Setting as Steer
+from castlens.tasks import Example, Task, TaskError
+from castlens.vectors import prefix_ids, text_ids
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["ProtocolConfig", "Candidate", "Items", "Prepared", "prepare", "tune_and_test", "prompted", "grid",
+           "default_layers", "split_dev", "options_for", "encode", "borrowed_settings", "check_config",
+           "by_accuracy", "Pick"]
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """What the protocol needs of a run's config (every runner's config has these fields)."""
+
+    dev: int = 64                    # dev items carved from the target's train split
+    shots: int = 4                   # in-task demonstrations kept out of the dev split
+    limit: int | None = None         # test items (None: the whole test split)
+    n_candidates: int = 4            # answer candidates for generation targets
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of a construction's grid: the setting and the vector it steers with (``mode="replace"``
+    patches the vector in, Hendel et al. 2023)."""
+
+    setting: Setting
+    directions: Tensor
+    mode: str = "add"
+
+    def steer(self, name: str | None = None) -> Steer:
+        s = self.setting
+        return Steer(name or f"{s.construction}/{s.vector}/{s.layer}x{s.strength}", self.directions,
+                     s.layer or 0, 1.0 if s.strength is None else s.strength, self.mode)
+
+
+def grid(vectors: Mapping[str, Tensor], layers: Sequence[int], strengths: Sequence[float],
+         modes: Mapping[str, str] | None = None) -> dict[str, list[Candidate]]:
+    """Every vector at every layer x strength (a ``replace`` vector at strength 1 only)."""
+    out = {}
+    for name, v in vectors.items():
+        mode = (modes or {}).get(name, "add")
+        out[name] = [Candidate(Setting(name, layer, s), v, mode) for layer in layers
+                     for s in (strengths if mode == "add" else (1.0,))]
+    return out
+
+
+def check_config(cfg: object) -> None:
+    """Refuse settings that cannot give meaningful numbers, before any model is loaded: non-finite or missing
+    strengths, counts below 1, a task that is both source and target (fields a config lacks are skipped)."""
+    import math
+
+    strengths = getattr(cfg, "strengths", (1.0,))
+    if not strengths or any(not math.isfinite(s) for s in strengths):
+        raise ValueError(f"steering strengths must be finite numbers, got {list(strengths)}")
+    for name in ("n", "shots", "dev", "pool", "limit", "n_boot", "examples", "trials", "icl_limit"):
+        v = getattr(cfg, name, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    both = set(getattr(cfg, "sources", ())) & set(getattr(cfg, "targets", ()))
+    if both:
+        raise TaskError(f"tasks {sorted(both)} are both source and target")
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    """Every ``n_layers // 10``-th layer, skipping the first and last (30 layers: 3, 6, ..., 27)."""
+    step = max(1, n_layers // 10)
+    return tuple(range(step, n_layers - 1, step)) or (0,)
+
+
+# ---------------------------------------------------------------- items
+def split_dev(task: Task, dev: int, shots: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(dev items, in-task demonstration pool) from the train split; both empty for a test-only task."""
+    if not task.train:
+        return [], []
+    train = list(task.train)
+    random.Random(f"{seed}:dev:{task.name}").shuffle(train)
+    k = min(dev, len(train) - shots)
+    if k < 1:
+        raise TaskError(f"task {task.name!r}: train split of {len(train)} is too small for a dev split and "
+                        f"{shots} demonstrations")
+    return train[:k], train[k:]
+
+
+def options_for(task: Task, ex: Example, fmt: PromptFormat, n_candidates: int = 4, seed: int = 0
+                ) -> tuple[list[str], int]:
+    """Answer options of one item and the gold index: a classification task's labels (verbalised); for a
+    generation task, the gold output among ``n_candidates`` distinct outputs of the task's other items."""
+    if task.kind == "classification" and task.labels:
+        return [fmt.verbalize(label) for label in task.labels], task.labels.index(ex.output)
+    others = sorted({e.output for e in task.train + task.test if e.output != ex.output})
+    if len(others) < n_candidates - 1:
+        raise TaskError(f"task {task.name!r}: {n_candidates} answer candidates need {n_candidates - 1} other "
+                        f"distinct outputs, found {len(others)}")
+    rng = random.Random(f"{seed}:candidates:{task.name}:{ex.input}")
+    opts = rng.sample(others, n_candidates - 1)
+    gold = rng.randrange(n_candidates)
+    opts.insert(gold, ex.output)
+    return [fmt.verbalize(o) for o in opts], gold
+
+
+@dataclass(frozen=True)
+class Items:
+    """Encoded items: query token ids, option token ids per query (``" " + option``) and gold indices."""
+
+    examples: list[Example]
+    queries: list[list[int]]
+    options: list[list[list[int]]]
+    gold: list[int]
+
+    @property
+    def query_tokens(self) -> float:
+        return float(np.mean([len(q) for q in self.queries]))
+
+    def subset(self, idx: Sequence[int]) -> Items:
+        return Items([self.examples[i] for i in idx], [self.queries[i] for i in idx],
+                     [self.options[i] for i in idx], [self.gold[i] for i in idx])
+
+
+def encode(model: TransformerBridge, task: Task, fmt: PromptFormat, items: Sequence[Example],
+           n_candidates: int = 4, seed: int = 0) -> Items:
+    opts = [options_for(task, e, fmt, n_candidates, seed) for e in items]
+    return Items(list(items), [text_ids(model, fmt.render(e, False)) for e in items],
+                 [[text_ids(model, " " + o) for o in texts] for texts, _ in opts], [g for _, g in opts])
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A target ready for the protocol: format, encoded dev and test items, in-task demonstration pool and the
+    zero-shot prefix (instruction)."""
+
+    task: Task
+    fmt: PromptFormat
+    dev: Items | None
+    test: Items
+    pool: list[Example]
+    zero_prefix: list[int]
+    seed: int = 0
+    shots: int = 4
+
+    def block(self, ex: Example) -> str:
+        return self.fmt.render(ex, True)
+
+
+def prepare(model: TransformerBridge, task: Task, cfg: ProtocolConfig, dev: Sequence[Example] | None = None
+            ) -> Prepared:
+    """``task`` split into dev (``cfg.dev`` train items, or the given ``dev``), the demonstration pool and the
+    first ``cfg.limit`` test items, encoded."""
+    fmt = default_format(task)
+    if dev is None:
+        dev, pool = split_dev(task, cfg.dev, cfg.shots, cfg.seed)
+    else:
+        pool = [e for e in task.train if e not in dev]
+    test = task.split("test")[: cfg.limit]
+    enc = (lambda xs: encode(model, task, fmt, xs, cfg.n_candidates, cfg.seed))
+    return Prepared(task, fmt, enc(dev) if dev else None, enc(test), list(pool),
+                    prefix_ids(model, [fmt.instruction], fmt), cfg.seed, cfg.shots)
+
+
+def label_baselines(gold: Sequence[int], options: Sequence[Sequence]) -> tuple[float, float]:
+    """Chance (mean 1/#options) and majority-class accuracy of a test split."""
+    counts = np.bincount(gold, minlength=max(map(len, options)))
+    return float(np.mean([1 / len(x) for x in options])), float(counts.max() / len(gold))
+
+
+def method_result(scores: Tensor, items: Items, prompt_tokens: float, seconds: float,
+                  setting: Setting | None = None, keep_scores: bool = False, demos_used: int | None = None
+                  ) -> MethodResult:
+    pred = scores.argmax(-1).tolist()
+    return MethodResult(pred, [int(p == g) for p, g in zip(pred, items.gold)], prompt_tokens, seconds, setting,
+                        scores.tolist() if keep_scores else None, demos_used)
+
+
+# ---------------------------------------------------------------- choosing a setting
+Pick = Callable[[Tensor, Items], list[tuple[float, ...]]]
+
+
+def by_accuracy(scores: Tensor, items: Items) -> list[tuple[float, ...]]:
+    """Sort keys of each setting (``scores[0]`` is unsteered): dev accuracy (to 9 digits), then the mean
+    log-probability of the gold answer normalised over options."""
+    g = torch.tensor(items.gold)
+    acc = (scores.argmax(-1) == g).double().mean(-1)
+    gold_lp = torch.log_softmax(scores.clamp_min(-1e30), -1)[:, torch.arange(len(g)), g].mean(-1)
+    return [(round(float(a), 9), float(lp)) for a, lp in zip(acc, gold_lp)]
+
+
+def borrowed_settings(target: str, donors: Sequence[TargetResult], constructions: Sequence[str]
+                      ) -> dict[str, SweepPoint]:
+    """For a target without dev items: per construction, the setting with the best mean dev accuracy over the
+    finished ``donors`` that have a sweep (ties: the earlier setting)."""
+    donors = [p for p in donors if p.sweep]
+    if not donors:
+        raise TaskError(f"target {target!r} has no train split to tune on, and no other target of this run has a "
+                        "dev sweep to borrow a setting from")
+    chosen = {}
+    for c in constructions:
+        keys = [p.setting for p in donors[0].sweep if p.setting.construction == c]
+        acc = {k: float(np.mean([next(x.dev_accuracy for x in p.sweep if x.setting == k) for p in donors]))
+               for k in keys}
+        k = max(keys, key=lambda k: (round(acc[k], 9), -keys.index(k)))
+        chosen[c] = SweepPoint(k, acc[k], borrowed_from=tuple(p.target for p in donors))
+    return chosen
+
+
+def tune_and_test(model: TransformerBridge, target: Prepared, candidates: Mapping[str, Sequence[Candidate]],
+                  pick: Pick = by_accuracy, donors: Sequence[TargetResult] = (), batch_size: int = 16,
+                  keep_scores: bool = False, log: Callable[[str], None] = print) -> TargetResult:
+    """Choose each construction's setting on ``target.dev`` (or borrow it from ``donors``) and score zero-shot and
+    every chosen setting on the test items (see the module docstring). The sweep is recorded."""
+    flat = [c for cs in candidates.values() for c in cs]
+    sweep: list[SweepPoint] = []
+    if target.dev is not None:
+        t0 = time.perf_counter()
+        d = target.dev
+        scores = prefix_option_logprobs(model, target.zero_prefix, d.queries, d.options,
+                                        [UNSTEERED, *(c.steer() for c in flat)], batch_size=batch_size)
+        keys = pick(scores, d)
+        acc = (scores.argmax(-1) == torch.tensor(d.gold)).double().mean(-1).tolist()
+        gold_lp = by_accuracy(scores, d)
+        for i, s in enumerate([Setting(UNSTEERED_NAME), *(c.setting for c in flat)]):
+            sweep.append(SweepPoint(s, float(acc[i]), gold_lp[i][1]))
+        chosen, by_setting = {}, {c.setting: i + 1 for i, c in enumerate(flat)}
+        for name, cs in candidates.items():
+            best = max(range(len(cs)), key=lambda j: (*keys[by_setting[cs[j].setting]], -j))
+            chosen[name] = sweep[by_setting[cs[best].setting]]
+        log(f"  dev sweep: {len(d.queries)} items x {len(flat)} settings in {time.perf_counter() - t0:.0f}s")
+    else:
+        chosen = borrowed_settings(target.task.name, donors, list(candidates))
+        log(f"  no train split: settings borrowed from the dev sweeps of "
+            f"{', '.join(next(iter(chosen.values())).borrowed_from or ())}")
+    pick_c = {name: next(c for c in cs if c.setting == chosen[name].setting) for name, cs in candidates.items()}
+    t = target.test
+    timings: dict[str, float] = {}
+    steers = [UNSTEERED, *(c.steer(name) for name, c in pick_c.items())]
+    scores = prefix_option_logprobs(model, target.zero_prefix, t.queries, t.options, steers, batch_size=batch_size,
+                                    timings=timings)
+    shared, tokens = timings["prefix"] + timings["body"], len(target.zero_prefix) + t.query_tokens
+    methods = {"zero_shot": method_result(scores[0], t, tokens, shared + timings[UNSTEERED.name], None, keep_scores)}
+    for i, (name, c) in enumerate(pick_c.items(), 1):
+        methods[name] = method_result(scores[i], t, tokens, shared + timings[name], c.setting, keep_scores)
+    chance, majority = label_baselines(t.gold, t.options)
+    layers = sorted({c.setting.layer for c in flat if c.setting.layer is not None})
+    return TargetResult(target.task.name, len(t.queries), t.gold, chance, majority, methods,
+                        n_dev=0 if target.dev is None else len(target.dev.queries), n_options=max(map(len, t.options)),
+                        layers=layers, chosen=chosen, sweep=sweep)
+
+
+def prompted(model: TransformerBridge, prefix: Sequence[int], items: Items, batch_size: int = 16,
+             keep_scores: bool = False, demos_used: int | None = None) -> MethodResult:
+    """A method that changes the prompt instead of steering (in-task or cross-task ICL): ``prefix`` before every
+    query, scored on ``items``; prefix tokens plus mean query tokens per query, and the wall time."""
+    t0 = time.perf_counter()
+    bs = batch_size if len(prefix) < 2000 else min(batch_size, 8)  # a long prefix: 8 per batch measured fastest
+    scores = prefix_option_logprobs(model, prefix, items.queries, items.options, batch_size=bs)[0]
+    return method_result(scores, items, len(prefix) + items.query_tokens, time.perf_counter() - t0, None,
+                         keep_scores, demos_used)
+
+
+def in_task_icl(model: TransformerBridge, target: Prepared, batch_size: int = 16) -> dict[str, MethodResult]:
+    """In-task ICL: ``shots`` seeded demonstrations from the pool (none for a target without one)."""
+    if not target.pool:
+        return {}
+    demos = sample_demos(target.pool, target.shots, random.Random(f"{target.seed}:target-demos:{target.task.name}"),
+                         task=target.task.name)
+    prefix = prefix_ids(model, [target.fmt.instruction, *(target.block(d) for d in demos)], target.fmt)
+    return {"icl_in_task": prompted(model, prefix, target.test, batch_size)}
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Tokens and seconds spent building vectors (reported beside the tables)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    per_target: dict[str, float] = field(default_factory=dict)

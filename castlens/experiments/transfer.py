@@ -1,0 +1,257 @@
+"""Transfer: does a vector built from high-resource *source* tasks help a low-resource *target* task?
+
+CAST (arXiv 2507.13236, Sec. 3) against the baselines it is compared with, on each target's test split:
+
+==================  ==========================================================================================
+``zero_shot``       target instruction + query
+``icl_in_task``     target instruction + ``shots`` target demonstrations (from the target's train split) + query
+``icl_cross_task``  ``shots`` source demonstrations (of the selected source samples, each in its own task's
+                    format) + target instruction + query  (cross-task ICL, Chatterjee et al. 2024)
+``cast_mean_diff``  zero-shot prompt, ``h_L[last] += lambda * mean_i (few_i - zero_i)[L]``   (CAST Eq. 2-3)
+``icv_pc1``         the same with the differences' first principal direction (ICV-style)
+``task_vector``     zero-shot prompt, ``h_L[last] <- v[L]`` (Hendel et al. 2023; patched, not added)
+``random_vector``   zero-shot prompt plus a Gaussian vector with the mean difference's norm per layer (control)
+==================  ==========================================================================================
+
+All vectors come from the same ``n`` source samples (:mod:`castlens.experiments.sources`): ``random`` draws them
+once for all targets; ``cast``, ``relevance`` and ``diversity`` choose them per target from ``pool`` candidates
+per source by the graph search. Every construction's layer x strength is chosen on the target's dev split and
+run once on test (:func:`~castlens.experiments.protocol.tune_and_test`). Reported: accuracy with 95% bootstrap
+intervals, macro-F1, paired differences to zero-shot and to cross-task ICL, prompt tokens and wall time per
+query. The run folder (:class:`~castlens.experiments.run.Run`) keeps one part per target; a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from castlens.experiments.protocol import (
+    ProtocolConfig,
+    check_config,
+    default_layers,
+    grid,
+    in_task_icl,
+    prepare,
+    prompted,
+    split_dev,
+    tune_and_test,
+)
+from castlens.experiments.results import Row, TargetResult, fmt_interval, summarize, to_csv
+from castlens.experiments.run import Run
+from castlens.experiments.sources import (
+    CONSTRUCTIONS,
+    EMBEDDERS,
+    MODES,
+    SourceRecord,
+    candidate_pool,
+    embed_texts,
+    random_samples,
+    source_vectors,
+)
+from castlens.files import atomic_write
+from castlens.models import model_name
+from castlens.prompts import default_format
+from castlens.selection import SELECTION_METHODS, select_indices
+from castlens.tasks import Task, load_task
+from castlens.vectors import SteeringVector, load_vectors, prefix_ids, save_vectors
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["TransferConfig", "run_transfer", "report", "sweep_figure", "METHODS", "REFS", "MODES", "CONSTRUCTIONS",
+           "COLUMNS"]
+
+METHODS = ("zero_shot", "icl_in_task", "icl_cross_task", *CONSTRUCTIONS)
+REFS = {"zero": "zero_shot", "cross_icl": "icl_cross_task"}
+COLUMNS = ["target", "method", "accuracy", "ci_lo", "ci_hi", "macro_f1", "delta_zero", "delta_zero_lo",
+           "delta_zero_hi", "delta_zero_noise", "delta_cross_icl", "delta_cross_icl_lo", "delta_cross_icl_hi",
+           "delta_cross_icl_noise", "prompt_tokens", "layer", "strength", "n_test", "chance", "majority"]
+
+
+@dataclass(frozen=True)
+class TransferConfig(ProtocolConfig):
+    """Everything that determines a run's numbers (``config.json``; a resume must match it)."""
+
+    model: str = ""
+    sources: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    n: int = 32                       # source samples behind every vector
+    layers: tuple[int, ...] | None = None
+    strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    select: str = "random"            # castlens.selection.SELECTION_METHODS
+    pool: int = 200                   # candidates per source task for the graph-based selection methods
+    embedder: str = "model"           # embeddings for the graph search: EMBEDDERS
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECTION_METHODS:
+            raise ValueError(f"unknown selection method {self.select!r}; available: {', '.join(SELECTION_METHODS)}")
+        if self.embedder not in EMBEDDERS:
+            raise ValueError(f"unknown embedder {self.embedder!r}; available: {', '.join(EMBEDDERS)}")
+        check_config(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _vectors(model: TransformerBridge, cfg: TransferConfig, sources: Sequence[Task], run: Run, vec: str, rec: str,
+             samples: Sequence | None) -> tuple[dict[str, SteeringVector], SourceRecord]:
+    """The source vectors and their record, computed once and kept in the run folder as ``vec`` and ``rec``."""
+    vec_path, rec_path = run.out / vec, run.out / rec
+    if vec_path.exists() and rec_path.exists():
+        run.log(f"reusing the source vectors in {vec_path}")
+        return load_vectors(vec_path, model), SourceRecord.from_dict(json.loads(rec_path.read_text()))
+    run.log(f"vectors from {cfg.n} {cfg.select} samples of {', '.join(cfg.sources)} ({cfg.shots} shots)")
+    if samples is None:
+        samples = random_samples(sources, cfg.n, cfg.shots, cfg.seed)
+    vectors, record = source_vectors(model, sources, samples, cfg.shots, cfg.seed, cfg.select)
+    save_vectors(vec_path, vectors)
+    run.write_json(rec, record.to_dict())
+    run.log(f"  {record.tokens_processed} tokens in {record.seconds:.0f}s")
+    return vectors, record
+
+
+def _selected(model: TransformerBridge, cfg: TransferConfig, sources: Sequence[Task], target: Task, run: Run,
+              batch_size: int) -> list:
+    """The ``cfg.n`` pool candidates the graph search picks for ``target`` (against its dev queries, or its
+    unlabelled test inputs when it has no train split); the pool's embeddings are kept in the run folder."""
+    from safetensors.numpy import load_file, save
+
+    pool = candidate_pool(sources, cfg.shots, cfg.seed, cfg.pool)
+    path = run.out / "candidates.safetensors"
+    emb = load_file(str(path))["embeddings"] if path.exists() else None
+    if emb is None or emb.shape[0] != len(pool):
+        fmts = {t.name: default_format(t) for t in sources}
+        emb = embed_texts(model, [fmts[name].render(e, False) for name, e in pool], batch_size, cfg.embedder)
+        atomic_write(path, save({"embeddings": emb}))
+    fmt = default_format(target)
+    queries = split_dev(target, cfg.dev, cfg.shots, cfg.seed)[0] or target.split("test")[:64]
+    t_emb = embed_texts(model, [fmt.render(e, False) for e in queries], batch_size, cfg.embedder)
+    return [pool[i] for i in select_indices(cfg.select, emb, t_emb, cfg.n, seed=cfg.seed)]
+
+
+def cross_task_icl(model: TransformerBridge, cfg: TransferConfig, target, record: SourceRecord,
+                   sources: dict[str, Task], batch_size: int = 16):
+    """Cross-task ICL: ``shots`` of the selected source samples (seeded), each in its own task's format, then
+    the target instruction and query."""
+    rng = random.Random(f"{cfg.seed}:cross-demos:{target.task.name}")
+    picked = rng.sample(range(len(record.samples)), min(cfg.shots, len(record.samples)))
+    blocks = [default_format(sources[t]).render(sources[t].train[i], True)
+              for t, i in (record.samples[j] for j in picked)]
+    prefix = prefix_ids(model, [*blocks, target.fmt.instruction], target.fmt)
+    return {"icl_cross_task": prompted(model, prefix, target.test, batch_size)}
+
+
+def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path, data_dir: str | None = None,
+                 batch_size: int = 16, png: bool | None = None, log: Callable[[str], None] = print) -> list[Row]:
+    """The whole run into ``out``: ``config.json``, the source vectors, one part per target, then the tables and
+    figures (:func:`report`). A second call with the same config resumes; with a different one it refuses."""
+    if model_name(model) != cfg.model:
+        raise ValueError(f"the config names model {cfg.model!r} but the loaded model is {model_name(model)!r}")
+    sources = {s: load_task(s, data_dir) for s in cfg.sources}
+    targets = {t: load_task(t, data_dir) for t in cfg.targets}
+    run = Run(out, cfg, png=png, log=log)
+    shared = _vectors(model, cfg, list(sources.values()), run, "vectors.safetensors", "sources.json", None) \
+        if cfg.select == "random" else None
+    layers = list(cfg.layers or default_layers(model.cfg.n_layers))
+
+    def compute(name: str, done: list[TargetResult]) -> TargetResult:
+        t = targets[name]
+        vectors, record = shared or _vectors(
+            model, cfg, list(sources.values()), run, f"vectors/{name}.safetensors", f"vectors/{name}.sources.json",
+            _selected(model, cfg, list(sources.values()), t, run, batch_size))
+        target = prepare(model, t, cfg)
+        cands = grid({c: vectors[c].directions for c in CONSTRUCTIONS}, layers, cfg.strengths, MODES)
+        part = tune_and_test(model, target, cands, donors=done, batch_size=batch_size, log=log)
+        part = part.with_methods({**in_task_icl(model, target, batch_size),
+                                  **cross_task_icl(model, cfg, target, record, sources, batch_size)})
+        log(f"  zero-shot {100 * part.methods['zero_shot'].accuracy:.1f}%, "
+            f"CAST {100 * part.methods['cast_mean_diff'].accuracy:.1f}%")
+        return part
+
+    order = sorted(cfg.targets, key=lambda t: not targets[t].train)  # a test-only target borrows from the others
+    parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict,
+                      {t: len(targets[t].test[:cfg.limit]) for t in order})
+    files = [run.out / "sources.json"] if shared else sorted((run.out / "vectors").glob("*.sources.json"))
+    records = [SourceRecord.from_dict(json.loads(p.read_text())) for p in files]
+    return report(run, cfg, [parts[t] for t in cfg.targets], records)
+
+
+def report(run: Run, cfg: TransferConfig, parts: Sequence[TargetResult], records: Sequence[SourceRecord]
+           ) -> list[Row]:
+    """``results.csv``, ``results.md``, ``costs.csv`` and the figures, from the finished parts alone."""
+    from castlens import plots
+
+    rows = summarize(parts, METHODS, REFS, cfg.n_boot, cfg.seed)
+    ms = {(p.target, m): 1000 * r.seconds / p.n_test for p in parts for m, r in p.methods.items()}
+    run.write("results.csv", to_csv(rows, COLUMNS))
+    run.write("results.md", _markdown(rows, cfg, [p.target for p in parts], ms, records))
+    run.write("costs.csv", "\n".join(["target,method,prompt_tokens_per_query,ms_per_query"] + [
+        f"{p.target},{m},{r.prompt_tokens:.1f},{ms[(p.target, m)]:.2f}" for p in parts
+        for m, r in p.methods.items()]) + "\n")
+    who = f"{cfg.model}; sources {', '.join(cfg.sources)}; {cfg.n} samples x {cfg.shots} shots"
+    for p in parts:
+        if p.sweep:
+            run.figure(f"sweep_{p.target}", sweep_figure(p, f"{who}; {p.n_dev} dev items (from train)"))
+    mean = [r for r in rows if r.mean]
+    run.figure("cost_accuracy", plots.cost_accuracy(
+        [r.method for r in mean], [r.prompt_tokens for r in mean], [r.accuracy for r in mean],
+        [r.ci_lo for r in mean], [r.ci_hi for r in mean], title="Accuracy against prompt length (mean over targets)",
+        caption=f"{who}. Bars: 95% bootstrap intervals."))
+    cell = {(r.target, r.method): r for r in rows}
+    names = [p.target for p in parts]
+    get = (lambda t, m, k: getattr(cell[(t, m)], k) if (t, m) in cell else math.nan)
+    run.figure("accuracy_by_target", plots.method_bars(
+        names, {m: [get(t, m, "accuracy") for t in names] for m in METHODS},
+        {m: [(get(t, m, "ci_lo"), get(t, m, "ci_hi")) for t in names] for m in METHODS},
+        chance=[p.chance for p in parts], title="Test accuracy per target and method",
+        caption=f"{who}. Bars: 95% bootstrap intervals; dashes: chance."))
+    return rows
+
+
+def sweep_figure(p: TargetResult, caption: str = "") -> Any:
+    """Dev accuracy by layer, one curve per construction and strength (one per construction for a patch)."""
+    from castlens import plots
+
+    curves = {}
+    for c in CONSTRUCTIONS:
+        pts = [x for x in p.sweep if x.setting.construction == c]
+        for s in sorted({x.setting.strength for x in pts if x.setting.strength is not None}):
+            curves[c if MODES.get(c) == "replace" else f"{c} x{s:g}"] = [x.dev_accuracy for x in pts
+                                                                         if x.setting.strength == s]
+    return plots.accuracy_sweep(p.layers, curves, title=f"{p.target}: dev accuracy by steering layer",
+                                caption=f"{caption}; steering at the last prompt token",
+                                baselines={"zero-shot (dev)": p.sweep[0].dev_accuracy, "chance": p.chance})
+
+
+def _markdown(rows: Sequence[Row], cfg: TransferConfig, targets: list[str], ms: dict,
+              records: Sequence[SourceRecord]) -> str:
+    lines = [f"# Transfer: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}", "",
+             f"Model {cfg.model}; {cfg.n} source samples ({cfg.select} selection), {cfg.shots} demonstrations per "
+             f"ICL prompt; layer and strength chosen on {cfg.dev} dev items per target (from its train split); "
+             f"accuracy in % with 95% bootstrap intervals over test items ({cfg.n_boot} draws). Delta columns: "
+             "paired difference in points; `~` marks an interval that contains 0 (inside the noise).", "",
+             "| target | method | accuracy | macro-F1 | vs zero-shot | vs cross-task ICL | layer x strength | "
+             "prompt tokens/query |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r.setting
+        setting = f"{s.layer} x {s.strength:g}" if s is not None and s.layer is not None else ""
+        lines.append(f"| {r.target} | {r.method} | {100 * r.accuracy:.1f} [{100 * r.ci_lo:.1f}, {100 * r.ci_hi:.1f}] "
+                     f"| {100 * r.macro_f1:.1f} | {fmt_interval(r.deltas.get('zero'))} | "
+                     f"{fmt_interval(r.deltas.get('cross_icl'))} | {setting} | {r.prompt_tokens:.0f} |")
+    lines += ["", "Chance and majority-class accuracy per target: " + "; ".join(
+        f"{r.target} {100 * r.chance:.0f}% / {100 * (r.majority or 0):.0f}%" for r in rows
+        if r.method == "zero_shot" and r.chance is not None) + ".", "",
+        f"Vectors: {sum(r.tokens_processed for r in records)} tokens processed once, "
+        f"{sum(r.seconds for r in records):.0f}s. Wall time per test query, in ms (with castlens' prefix and body "
+        "reuse; see costs.csv):", ""]
+    lines += ["| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for m in METHODS:
+        vals = [ms.get((t, m)) for t in targets]
+        lines.append(f"| {m} | " + " | ".join("" if v is None else f"{v:.1f}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,87 @@
+"""castlens.experiments.protocol: a whole tiny-model experiment through tune_and_test, every number checked against
+an independent computation (each prompt alone, in full, steered by a plain hook at its last token)."""
+
+import numpy as np
+import pytest
+import torch
+
+from castlens.evaluation import option_logprobs
+from castlens.experiments.protocol import ProtocolConfig, grid, options_for, prepare, tune_and_test
+from castlens.experiments.results import Setting
+from castlens.steering import steering
+from castlens.tasks import load_task
+from castlens.vectors import text_ids
+
+CFG = ProtocolConfig(dev=6, shots=2, limit=5, n_candidates=4, seed=0)
+LAYERS, STRENGTHS = (1, 2), (1.0, 4.0, 16.0)
+
+
+def _manual_scores(tiny, target, items, vector, setting):
+    """Option log-probabilities of each item, prompt run alone, steered at its own last token (or not)."""
+    out = []
+    for ex in items:
+        ids = target.zero_prefix + text_ids(tiny, target.fmt.render(ex, False))
+        opts, _ = options_for(target.task, ex, target.fmt, CFG.n_candidates, CFG.seed)
+        if setting is None:
+            out.append(option_logprobs(tiny, [ids], [opts], batch_size=1)[0])
+            continue
+        with steering(tiny, vector, setting.layer, setting.strength, positions=torch.tensor([len(ids) - 1])):
+            out.append(option_logprobs(tiny, [ids], [opts], batch_size=1)[0])
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny):
+    g = torch.Generator().manual_seed(3)
+    vector = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model, generator=g)
+    target = prepare(tiny, load_task("plural"), CFG)
+    result = tune_and_test(tiny, target, grid({"planted": vector}, LAYERS, STRENGTHS), log=lambda *a: None)
+    return vector, target, result
+
+
+def test_the_chosen_setting_is_the_argmax_of_a_hand_computed_dev_sweep(tiny, experiment):
+    vector, target, result = experiment
+    gold = torch.tensor(target.dev.gold)
+    keys = {}
+    for i, (layer, s) in enumerate((layer, s) for layer in LAYERS for s in STRENGTHS):
+        sc = _manual_scores(tiny, target, target.dev.examples, vector, Setting("planted", layer, s))
+        acc = float((sc.argmax(-1) == gold).double().mean())
+        gold_lp = float(torch.log_softmax(sc, -1)[torch.arange(len(gold)), gold].mean())
+        keys[(layer, s)] = (round(acc, 9), gold_lp, -i)
+        point = next(p for p in result.sweep if (p.setting.layer, p.setting.strength) == (layer, s))
+        assert point.dev_accuracy == pytest.approx(acc) and point.dev_gold_logprob == pytest.approx(gold_lp, abs=1e-3)
+    best = max(keys, key=keys.get)
+    chosen = result.chosen["planted"].setting
+    assert (chosen.layer, chosen.strength) == best
+    assert len({k[:2] for k in keys.values()}) == len(keys)  # every setting scores differently: a real choice
+    assert best != min(keys, key=keys.get)
+    assert result.methods["planted"].setting == chosen
+
+
+def test_test_scores_are_the_plain_steered_and_unsteered_forwards(tiny, experiment):
+    vector, target, result = experiment
+    test = target.task.split("test")[:CFG.limit]
+    for name, setting in (("zero_shot", None), ("planted", result.chosen["planted"].setting)):
+        manual = _manual_scores(tiny, target, test, vector, setting)
+        assert result.methods[name].pred == manual.argmax(-1).tolist()
+        assert result.methods[name].correct == [int(p == g) for p, g in zip(manual.argmax(-1).tolist(), result.gold)]
+    assert result.n_test == CFG.limit and result.n_dev == CFG.dev and result.layers == list(LAYERS)
+    assert result.chance == pytest.approx(1 / CFG.n_candidates)
+
+
+def test_a_result_round_trips_through_its_part_file(experiment):
+    from castlens.experiments.results import TargetResult
+
+    _, _, result = experiment
+    assert TargetResult.from_dict(result.to_dict()) == result
+
+
+def test_a_target_without_dev_items_borrows_the_best_mean_setting(tiny, experiment):
+    vector, _, donor = experiment
+    target = prepare(tiny, load_task("medmcqa"), ProtocolConfig(limit=3))
+    result = tune_and_test(tiny, target, grid({"planted": vector}, LAYERS, STRENGTHS), donors=[donor, donor],
+                           log=lambda *a: None)
+    best = max((p for p in donor.sweep if p.setting.construction == "planted"), key=lambda p: p.dev_accuracy)
+    assert result.chosen["planted"].borrowed_from == (donor.target, donor.target)
+    assert result.chosen["planted"].dev_accuracy == pytest.approx(best.dev_accuracy)
+    assert np.isclose(result.methods["planted"].accuracy, np.mean(result.methods["planted"].correct))
