@@ -35,7 +35,6 @@ import contextlib
 import difflib
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -301,7 +300,7 @@ def _convert(spec: ModelSpec, target: Path) -> None:
         if joined:  # the parts stay installed; the safetensors cache replaces the joined file
             gguf.unlink(missing_ok=True)
     # The GGUF loader attaches a quantizer; detached, the dequantized float weights save and reload bit-exact.
-    hf.hf_quantizer = None
+    hf.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -616,9 +615,9 @@ def residual_stream_only(model: "TransformerBridge") -> Iterator[None]:
     block-level hook points.
 
     Inside this context the residual-stream hooks (``blocks.{L}.hook_resid_*``) and the MLP hooks fire as
-    usual, but hooks *inside* attention (``hook_pattern``, ``hook_attn_scores``, ``hook_q`` ...) do not. The bridge forces eager
-    attention so those can fire; residual hooks do not need it, and sdpa is faster (see benchmarks/). Models
-    whose blocks do not have the expected layout run unchanged.
+    usual, but hooks *inside* attention (``hook_pattern``, ``hook_attn_scores``, ``hook_q`` ...) do not. The
+    bridge forces eager attention so those can fire; residual hooks do not need it, and sdpa is faster (see
+    benchmarks/). Models whose blocks do not have the expected layout run unchanged.
     """
     swapped: list[tuple[Any, Any]] = []
     hf = getattr(model, "original_model", None)
@@ -629,7 +628,7 @@ def residual_stream_only(model: "TransformerBridge") -> Iterator[None]:
             layer = getattr(block, "original_component", None)
             attn_bridge = getattr(layer, "self_attn", None)
             native = getattr(attn_bridge, "original_component", None)
-            if native is None:
+            if layer is None or native is None:
                 continue
             swapped.append((layer, attn_bridge))
             layer.self_attn = native

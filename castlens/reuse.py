@@ -21,12 +21,21 @@ Steering goes through :func:`castlens.steering.steering`, i.e. TransformerLens h
 Token sequences are passed as ids. ``prefix + query`` is a concatenation of ids, so a caller comparing against a
 plain full-prompt pass must give the plain path the same concatenated ids (tokenizing the joined text can merge
 tokens across the boundary differently).
+
+Sliding-window attention (Gemma 2/3, Mistral): a sliding layer lets position ``q`` see keys at positions
+``q - window < k <= q`` only. Hugging Face measures that distance in *cache slots*, which equal positions for an
+unpadded or edge-padded row, but not here: the padding sits between prefix and body, so a padded row's body is
+further from its prefix in slots than in positions. For such models castlens therefore builds the attention masks
+itself, from positions (one per layer type: ``full_attention`` and ``sliding_attention``), and its caches keep
+every key (no layer drops keys older than the window; the mask hides them). Models without sliding layers get
+the 2-d padding mask as before, and Hugging Face builds the same causal mask from it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from jaxtyping import Float
@@ -38,6 +47,9 @@ from transformers.cache_utils import DynamicLayer
 from castlens.activations import HOOK, StopForward, check_lengths, length_sorted_batches
 from castlens.models import pad_id, residual_stream_only
 from castlens.steering import steering
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 KV = list[tuple[Tensor, Tensor]]
 
@@ -54,12 +66,71 @@ class Setting:
     mode: str = "add"
     norm_preserving: bool = False
 
+    def __post_init__(self) -> None:
+        if not math.isfinite(float(self.strength)):
+            raise ValueError(f"setting {self.name!r}: strength {self.strength} is not a finite number")
+
 
 UNSTEERED = Setting("unsteered")
 
 
-def _forward(model, ids: Tensor, mask: Tensor, pos: Tensor, kv: KV | DynamicCache | None, read: list[tuple[int, int, int]] | None,
-             resid_layers: Sequence[int] = ()) -> tuple[DynamicCache, Tensor | None, dict[int, Tensor]]:
+def _text_config(model: TransformerBridge) -> Any:
+    config: Any = model.original_model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _layer_types(model: TransformerBridge) -> list[str] | None:
+    """The attention type of each layer when the model has sliding-window layers (``None``: it has none, and the
+    2-d padding mask is all it needs). Models without ``layer_types`` but with a window slide on every layer."""
+    config = _text_config(model)
+    types = list(getattr(config, "layer_types", None) or [])
+    if types:
+        return types if "sliding_attention" in types else None
+    if getattr(config, "sliding_window", None) is None:
+        return None
+    return ["sliding_attention"] * model.cfg.n_layers
+
+
+def _attention_mask(model: TransformerBridge, mask: Tensor, pos: Tensor) -> Tensor | dict[str, Tensor]:
+    """What the forward gets as ``attention_mask``: ``mask`` [row, past + new] (1 = real token) itself, or, for a
+    model with sliding-window layers, additive 4-d masks [row, 1, new, past + new] built from positions ``pos``
+    [row, new] of the new tokens: one tensor if all layers are alike, else one per layer type (a dict, which
+    hybrid models such as Gemma 3 take in place of building their own).
+
+    A key is visible to a query if it is a real token, not later in the row (causal), and, on a sliding layer,
+    less than ``window`` positions back. A real token's position is the count of real tokens before it, which is
+    how every layout here assigns positions (prefix, left-padded body, right-padded last-token chunk)."""
+    device = next(model.parameters()).device
+    types = _layer_types(model)
+    if types is None:
+        return mask.to(device)
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise NotImplementedError(f"castlens.reuse: layer types {unknown} of {type(model.original_model).__name__} "
+                                  "are not supported (only full and sliding-window attention)")
+    mask, pos = mask.to(device), pos.to(device)
+    n_past = mask.shape[1] - pos.shape[1]
+    key_slot = torch.arange(mask.shape[1], device=device)
+    query_slot = n_past + torch.arange(pos.shape[1], device=device)
+    key_pos = mask.cumsum(-1) - 1
+    visible = mask.bool()[:, None, :] & (key_slot[None, None, :] <= query_slot[None, :, None])  # [row, new, all]
+    window = _text_config(model).sliding_window
+    dtype = next(model.parameters()).dtype
+
+    def additive(keep: Tensor) -> Tensor:  # finite, not -inf: a row with no visible key stays free of NaN
+        return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)[:, None]
+
+    def build(kind: str) -> Tensor:
+        near = pos[:, :, None] - key_pos[:, None, :] < window
+        return additive(visible & near if kind == "sliding_attention" else visible)
+
+    kinds = sorted(set(types))
+    return build(kinds[0]) if len(kinds) == 1 else {k: build(k) for k in kinds}
+
+
+def _forward(model: TransformerBridge, ids: Tensor, mask: Tensor, pos: Tensor, kv: KV | DynamicCache | None,
+             read: list[tuple[int, int, int]] | None, resid_layers: Sequence[int] = ()
+             ) -> tuple[DynamicCache, Tensor | None, dict[int, Tensor]]:
     """One bridge forward on top of cached keys/values ``kv``; returns the grown cache, the final residual at
     ``read`` = [(row, start, n)] spans (concatenated rows) and the residual at the last column for
     ``resid_layers``. No unembedding is computed here; a pass that only reads ``resid_layers`` stops after the
@@ -87,7 +158,7 @@ def _forward(model, ids: Tensor, mask: Tensor, pos: Tensor, kv: KV | DynamicCach
     hooks = [(HOOK.format(layer=layer), grab(layer)) for layer in sorted(set(resid_layers) | {final})]
     with model.hooks(fwd_hooks=hooks):
         try:
-            model(ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+            model(ids.to(device), attention_mask=_attention_mask(model, mask, pos), position_ids=pos.to(device),
                   past_key_values=cache, use_cache=True, return_type=None)
         except StopForward:
             pass
@@ -135,7 +206,7 @@ def _select(kv: KV, rows: Tensor) -> KV:
     return [(k[rows], v[rows]) for k, v in kv]
 
 
-def prefix_cache(model, prefix_ids: Sequence[int]) -> KV | None:
+def prefix_cache(model: TransformerBridge, prefix_ids: Sequence[int]) -> KV | None:
     """Keys and values of ``prefix_ids`` at every layer (``None`` for an empty prefix)."""
     if not prefix_ids:
         return None
@@ -145,7 +216,7 @@ def prefix_cache(model, prefix_ids: Sequence[int]) -> KV | None:
     return _kv(cache)
 
 
-def _layout(model, p: int, seqs: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+def _layout(model: TransformerBridge, p: int, seqs: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
     """Ids, attention mask (over prefix + sequences) and position ids for ``seqs`` placed after a prefix of
     ``p`` tokens, left-padded between prefix and sequence."""
     b, width = len(seqs), max(len(x) for x in seqs)
@@ -164,7 +235,7 @@ def _expand(kv: KV | None, b: int) -> KV | None:
     return [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv] if kv else None
 
 
-def _body_batch(model, prefix_kv: KV | None, p: int, bodies: list[list[int]], room: int):
+def _body_batch(model: TransformerBridge, prefix_kv: KV | None, p: int, bodies: list[list[int]], room: int):
     """Run the bodies on top of the prefix cache; returns a rewindable cache holding prefix + bodies (with
     ``room`` more positions, or ``None`` if both are empty), the mask over prefix + bodies and each row's next
     position. With a prefix, the bodies' keys and values are written straight into one preallocated buffer."""
@@ -206,7 +277,7 @@ def _option_rows(options: Sequence[Sequence[Sequence[int]]]
     return rows, reads
 
 
-def prefix_option_logprobs(model, prefix_ids: Sequence[int], query_ids: Sequence[Sequence[int]],
+def prefix_option_logprobs(model: TransformerBridge, prefix_ids: Sequence[int], query_ids: Sequence[Sequence[int]],
                            option_ids: Sequence[Sequence[Sequence[int]]], settings: Sequence[Setting] = (UNSTEERED,),
                            batch_size: int = 16, progress: bool | None = None,
                            prefix_kv: KV | None = None, timings: dict | None = None
@@ -281,7 +352,7 @@ def prefix_option_logprobs(model, prefix_ids: Sequence[int], query_ids: Sequence
     return out
 
 
-def prefix_last_token_resid(model, prefix_ids: Sequence[int], query_ids: Sequence[Sequence[int]],
+def prefix_last_token_resid(model: TransformerBridge, prefix_ids: Sequence[int], query_ids: Sequence[Sequence[int]],
                             layers: Sequence[int] | None = None, batch_size: int = 16,
                             progress: bool | None = None) -> Float[Tensor, "query layer d_model"]:
     """``blocks.{L}.hook_resid_post`` at the last token of ``prefix + query`` for each query, with the prefix run

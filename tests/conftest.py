@@ -15,11 +15,42 @@ def tiny():
     return load_model("tiny-llama", device="cpu")
 
 
+TINY_MODELS = ["tiny-llama", "tiny-gemma3"]  # full attention; sliding window of 16 on 3 of 4 layers
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    from castlens.models import load_model
+
+    return load_model("tiny-gemma3", device="cpu")
+
+
+@pytest.fixture(scope="session", params=TINY_MODELS)
+def tiny_any(request):
+    """Each random test model in turn (one bridge per model for the session): tests that must hold for full
+    and for sliding-window attention alike take this instead of ``tiny``."""
+    return request.getfixturevalue("tiny" if request.param == "tiny-llama" else "tiny_gemma3")
+
+
+def plain_hf(model):
+    """An unwrapped copy of a tiny bridge's weights (same name, same seed), for independent references."""
+    from castlens.models import load_hf, model_name
+
+    return load_hf(model_name(model))[0]
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from castlens.models import load_model
 
     return load_model("smollm2-135m-instruct", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    from castlens.models import load_model
+
+    return load_model("gemma-3-270m", device="cpu")
 
 
 def hf_last_token_states(hf_model, ids: list[int]) -> torch.Tensor:

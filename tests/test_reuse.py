@@ -1,89 +1,114 @@
-"""Shared-prefix and last-token reuse (castlens.reuse) against the plain full-prompt paths."""
+"""Shared-prefix and last-token reuse (castlens.reuse) against the plain full-prompt paths.
+
+The correctness tests run on both random test models: tiny-llama (full attention) and tiny-gemma3 (a sliding
+window of 16 tokens on 3 of its 4 layers). Every prompt here is longer than that window (the prefix alone has
+64 tokens), so the reuse path's masks must apply the window by position across the padding between prefix and
+body."""
 
 import pytest
 import torch
+from conftest import hf_last_token_states, plain_hf
 
 from castlens.activations import last_token_resid
 from castlens.evaluation import option_logprobs
-from castlens.models import tokenizer_of
+from castlens.models import TINY_GEMMA3_WINDOW, tokenizer_of
 from castlens.reuse import UNSTEERED, Setting, prefix_last_token_resid, prefix_option_logprobs
-from castlens.steering import steering
 
 
 def enc(model, text):
     return tokenizer_of(model)(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.fixture(scope="module")
-def pieces(tiny):
+def make_pieces(tiny):
     prefix = tokenizer_of(tiny)("Say the word.\n\nInput: cat\nAnswer: cat\n\nInput: sun\nAnswer: sun\n\n")["input_ids"]
     texts = ["Input: dog\nAnswer:", "Input: a much longer input with many words in it\nAnswer:", "Input: x\nAnswer:",
              "Input: two words\nAnswer:", "Q"]
     queries = [enc(tiny, t) for t in texts]
     opts = [["dog", "cat", "a longer option"], ["yes", "no"], ["x", "y", "zz", "w"], ["two"], ["ab", "abcd", "a", "b"]]
+    assert len(prefix) > 3 * TINY_GEMMA3_WINDOW and max(map(len, queries)) > 3 * TINY_GEMMA3_WINDOW
     return prefix, queries, opts, [[enc(tiny, " " + o) for o in os_] for os_ in opts]
 
 
-def manual(model, ids, cont, steer=None):
-    """Independent reference: one unpadded full forward, log-softmax, the continuation's tokens summed."""
-    ctx = steering(model, steer[0], steer[1], steer[2], positions=torch.tensor([len(ids) - 1]), mode=steer[3]) \
-        if steer else torch.no_grad()
-    with torch.no_grad(), ctx:
-        logits = model(torch.tensor([ids + cont]), return_type="logits")[0].float()
+@pytest.fixture(scope="module")
+def pieces(tiny_any):
+    return make_pieces(tiny_any)
+
+
+def manual(ref, ids, cont, steer=None):
+    """Independent reference: one unpadded forward of the plain Hugging Face model, steered (if asked) by a torch
+    forward hook on the decoder layer at the last prompt token; log-softmax, the continuation's tokens summed."""
+    handle = None
+    if steer:
+        v, layer, strength, mode = steer
+        at = len(ids) - 1
+
+        def hook(module, inputs, output):
+            hs = (output[0] if isinstance(output, tuple) else output).clone()
+            hs[:, at] = v[layer] if mode == "replace" else hs[:, at] + strength * v[layer]
+            return (hs, *output[1:]) if isinstance(output, tuple) else hs
+        handle = ref.model.layers[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = ref(torch.tensor([ids + cont])).logits[0].float()
+    finally:
+        if handle is not None:
+            handle.remove()
     lp = torch.log_softmax(logits, -1)
     return float(sum(lp[len(ids) - 1 + j, t] for j, t in enumerate(cont)))
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 16])
-def test_unsteered_scores_equal_the_plain_full_prompt_path(tiny, pieces, batch_size):
+def test_unsteered_scores_equal_the_plain_full_prompt_path(tiny_any, pieces, batch_size):
     prefix, queries, opts, opt_ids = pieces
-    plain = option_logprobs(tiny, [prefix + q for q in queries], opts)
-    fast = prefix_option_logprobs(tiny, prefix, queries, opt_ids, batch_size=batch_size)[0]
+    plain = option_logprobs(tiny_any, [prefix + q for q in queries], opts)
+    fast = prefix_option_logprobs(tiny_any, prefix, queries, opt_ids, batch_size=batch_size)[0]
     assert torch.isinf(fast).equal(torch.isinf(plain))
     fin = torch.isfinite(plain)
     assert (fast[fin] - plain[fin]).abs().max() < 1e-4
 
 
-def test_empty_prefix_and_single_token_options(tiny, pieces):
+def test_empty_prefix_and_single_token_options(tiny_any, pieces):
     _, queries, _, _ = pieces
     letters = [["A", "B", "C"]] * len(queries)
-    ids = [[enc(tiny, o) for o in os_] for os_ in letters]  # byte-level: one token each
+    ids = [[enc(tiny_any, o) for o in os_] for os_ in letters]  # byte-level: one token each
     assert all(len(o) == 1 for os_ in ids for o in os_)  # the one-position read path
-    plain = option_logprobs(tiny, queries, letters, sep="")
-    fast = prefix_option_logprobs(tiny, [], queries, ids, batch_size=2)[0]
+    plain = option_logprobs(tiny_any, queries, letters, sep="")
+    fast = prefix_option_logprobs(tiny_any, [], queries, ids, batch_size=2)[0]
     assert (fast - plain).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("mode", ["add", "replace"])
-def test_steered_settings_equal_one_steered_full_forward_each(tiny, pieces, mode):
+def test_steered_settings_equal_one_steered_full_forward_each(tiny_any, pieces, mode):
     prefix, queries, _, opt_ids = pieces
     g = torch.Generator().manual_seed(1)
     v1, v2 = torch.randn(4, 64, generator=g) * 4, torch.randn(4, 64, generator=g) * 4
-    settings = [Setting("a", v1, 1, 2.0, mode), UNSTEERED, Setting("b", v2, 3, -1.5, mode), Setting("c", v1, 0, 1, mode)]
-    fast = prefix_option_logprobs(tiny, prefix, queries, opt_ids, settings, batch_size=3)
+    settings = [Setting("a", v1, 1, 2.0, mode), UNSTEERED, Setting("b", v2, 3, -1.5, mode),
+                Setting("c", v1, 0, 1, mode)]
+    fast = prefix_option_logprobs(tiny_any, prefix, queries, opt_ids, settings, batch_size=3)
+    ref = plain_hf(tiny_any)
     for s_i, s in enumerate(settings):
         for q, (ids, opts) in enumerate(zip(queries, opt_ids)):
             for j, o in enumerate(opts):
                 steer = None if s.directions is None else (s.directions, s.layer, s.strength, mode)
-                want = manual(tiny, prefix + ids, o, steer)
+                want = manual(ref, prefix + ids, o, steer)
                 assert abs(float(fast[s_i, q, j]) - want) < 1e-4, (s.name, q, j)
     fin = torch.isfinite(fast[1])
     assert (fast[0][fin] - fast[1][fin]).abs().max() > 1e-3  # steering did change the scores
 
 
-def test_last_token_resid_equals_the_plain_path(tiny, pieces):
+def test_last_token_resid_equals_the_plain_path(tiny_any, pieces):
     prefix, queries, _, _ = pieces
-    plain = last_token_resid(tiny, [prefix + q for q in queries])
+    plain = last_token_resid(tiny_any, [prefix + q for q in queries])
     for bs in (1, 4):
-        fast = prefix_last_token_resid(tiny, prefix, queries, batch_size=bs)
+        fast = prefix_last_token_resid(tiny_any, prefix, queries, batch_size=bs)
         assert (fast - plain).abs().max() < 1e-4
-    some = prefix_last_token_resid(tiny, prefix, queries, layers=[2, 0])
+    some = prefix_last_token_resid(tiny_any, prefix, queries, layers=[2, 0])
     assert (some - plain[:, [2, 0]]).abs().max() < 1e-4
-    assert (prefix_last_token_resid(tiny, [], queries) - last_token_resid(tiny, queries)).abs().max() < 1e-4
+    assert (prefix_last_token_resid(tiny_any, [], queries) - last_token_resid(tiny_any, queries)).abs().max() < 1e-4
 
 
-def test_bad_input(tiny, pieces):
-    prefix, queries, _, opt_ids = pieces
+def test_bad_input(tiny):
+    prefix, queries, _, opt_ids = make_pieces(tiny)
     with pytest.raises(ValueError, match="queries but"):
         prefix_option_logprobs(tiny, prefix, queries, opt_ids[:-1])
     with pytest.raises(ValueError, match="query 0 is empty"):
@@ -104,3 +129,53 @@ def test_options_share_rows_when_one_is_a_prefix_path_of_another():
     assert reads[3] == [(3, [4, 5, 6]), (3, [4, 9])]
     rows, _ = _option_rows([[[1, 2], [3, 4]]])  # different first tokens: a row each
     assert rows == [(0, [1]), (0, [3])]
+
+
+def test_reuse_equals_plain_transformers_unpadded(tiny_any, pieces):
+    """Independent of TransformerLens and of castlens' padding: one unpadded plain Hugging Face forward per query
+    (its own masks, its own sliding window), against the prefix + body + last-token passes."""
+    prefix, queries, _, opt_ids = pieces
+    ref = plain_hf(tiny_any)
+    fast = prefix_option_logprobs(tiny_any, prefix, queries, opt_ids, batch_size=3)[0]
+    resid = prefix_last_token_resid(tiny_any, prefix, queries, batch_size=3)
+    for q, (ids, opts) in enumerate(zip(queries, opt_ids)):
+        assert (resid[q] - hf_last_token_states(ref, prefix + ids)).abs().max() < 1e-4, q
+        for j, o in enumerate(opts):
+            with torch.no_grad():
+                lp = torch.log_softmax(ref(torch.tensor([prefix + ids + o])).logits[0].float(), -1)
+            want = sum(float(lp[len(prefix) + len(ids) - 1 + t, tok]) for t, tok in enumerate(o))
+            assert abs(float(fast[q, j]) - want) < 1e-4, (q, j)
+
+
+def test_the_window_is_what_these_prompts_test(tiny_gemma3):
+    """Without its window, tiny-gemma3 gives other numbers on these prompts: the tests above do test the window."""
+    prefix, queries, _, _ = make_pieces(tiny_gemma3)
+    ref = plain_hf(tiny_gemma3)
+    windowed = hf_last_token_states(ref, prefix + queries[1])
+    ref.config.sliding_window = 10_000
+    assert (hf_last_token_states(ref, prefix + queries[1]) - windowed).abs().max() > 1e-2
+
+
+def test_masks_follow_positions_across_the_padding(tiny, tiny_gemma3):
+    from castlens.reuse import _attention_mask, _layout
+
+    _, mask, pos = _layout(tiny, 3, [[5, 6], []])
+    assert _attention_mask(tiny, mask, pos) is not None and _attention_mask(tiny, mask, pos).equal(mask)  # 2-d
+    prefix, w = 20, TINY_GEMMA3_WINDOW
+    _, mask, pos = _layout(tiny_gemma3, prefix, [list(range(10)), [7]])  # row 1: 9 pads between prefix and body
+    masks = _attention_mask(tiny_gemma3, mask, pos)
+    assert set(masks) == {"full_attention", "sliding_attention"}
+    seen = masks["sliding_attention"][:, 0, -1] == 0  # what the last body token sees
+    for row, n in enumerate((10, 1)):
+        want = torch.zeros(prefix + 10, dtype=torch.bool)
+        real = [*range(prefix), *range(prefix + 10 - n, prefix + 10)]  # slots of real tokens, position = index
+        for k, slot in enumerate(real):
+            want[slot] = len(real) - 1 - k < w
+        assert seen[row].equal(want), row
+    assert (masks["full_attention"][1, 0, -1] == 0).sum() == prefix + 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_setting_refuses_a_non_finite_strength(bad):
+    with pytest.raises(ValueError, match=f"setting 'sweep-3': strength {bad} is not a finite number"):
+        Setting("sweep-3", torch.zeros(4, 64), 1, bad)
