@@ -7,6 +7,7 @@
     castlens compose --library FILES --targets x,y --examples 12 --out DIR   Steer2Adapt
     castlens selection-study --sources a,b --targets x,y --out DIR   selection ablation and sample scaling
     castlens report DIR                              rewrite a finished run's tables and figures from its parts
+    castlens export VECTORS.safetensors [--vector TASK] --out FILE.gguf   llama.cpp control vector
     castlens demo --out DIR                          the main job on the embedded default model
 """
 
@@ -63,8 +64,9 @@ def _print_means(rows: Sequence[Any]) -> None:
 
 
 def cmd_vectors(a: argparse.Namespace) -> int:
-    from castlens.experiments.analyze import run_vectors
+    from castlens.experiments.analyze import check_vector_run, run_vectors
 
+    check_vector_run(a.n, a.shots, a.out, a.overwrite)  # before the model loads
     model = _load(a, a.tasks)
     path, vectors = run_vectors(model, a.tasks, a.n, a.shots, a.out, a.seed, a.chat, a.batch_size, a.data_dir,
                                 a.truncate_demos, a.overwrite)
@@ -160,6 +162,24 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from castlens.export import export_gguf, llama_cpp_layers
+    from castlens.vectors import load_vectors
+
+    vectors = load_vectors(a.vectors)
+    if a.vector is None and len(vectors) > 1:
+        raise ValueError(f"{a.vectors} holds {len(vectors)} vectors ({', '.join(vectors)}); choose one with --vector")
+    key = a.vector or next(iter(vectors))
+    if key not in vectors:
+        raise ValueError(f"{a.vectors} has no vector {key!r} (it has: {', '.join(vectors)})")
+    v = vectors[key]
+    path = export_gguf(v, a.out, layers=a.layers, strength=a.strength, model_hint=a.model_hint)
+    blocks = list(a.layers) if a.layers else llama_cpp_layers(v.n_layers)
+    print(f"wrote {path}: vector {key!r} as a llama.cpp control vector, blocks {blocks}, strength {a.strength:g} "
+          f"(llama-cli -m MODEL.gguf --control-vector {path})")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"castlens demo: {a.model}, built-in tasks {', '.join(BUILTIN_TASKS)}; {a.n} queries x {a.shots} shots "
@@ -174,9 +194,22 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_tasks(a: argparse.Namespace) -> int:
-    from castlens.tasks import list_tasks
+    from castlens.tasks import task_infos
 
-    print("\n".join(list_tasks(a.data_dir)))
+    rows = task_infos(a.data_dir)
+    print(f"{'task':<24} {'kind':<15} {'labels':>6} {'train':>7} {'test':>6}  language")
+    for t in rows:
+        print(f"{t.name:<24} {t.kind:<15} {'' if t.n_labels is None else t.n_labels:>6} {t.n_train:>7} {t.n_test:>6}"
+              f"  {t.language}")
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from castlens.models import list_models
+
+    for m in list_models():
+        state = "installed" if m.installed else f"not installed ({m.install})" if m.install else "built in code"
+        print(f"{m.name:<24} {m.kind:<9} {state:<48} licence: {m.licence}")
     return 0
 
 
@@ -286,13 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compare-to", default=None, help="compose runs: the run to compare with (comparison.md)")
     r.add_argument("--no-png", action="store_true", help="write HTML figures only")
 
+    ex = command("export", cmd_export, "write one vector as a llama.cpp control-vector GGUF (--control-vector)",
+                 model=False)
+    ex.add_argument("vectors", help="a vector file written by `castlens vectors` (.safetensors, .json beside it)")
+    ex.add_argument("--vector", default=None, help="which vector of the file, by task name (default: its only one)")
+    ex.add_argument("--out", required=True, help="output .gguf file (written to a temporary name, then renamed)")
+    ex.add_argument("--layers", type=_numbers(int), default=None,
+                    help="blocks to write (default: 1 .. n_layers-1; llama.cpp never steers block 0)")
+    ex.add_argument("--strength", type=float, default=1.0, help="multiplied into the file")
+    ex.add_argument("--model-hint", default=None, help="controlvector.model_hint (default: the vector's model name)")
+
     d = command("demo", cmd_demo, "the analysis and a small transfer on the built-in tasks")
     d.add_argument("--out", default="outputs/demo")
     d.add_argument("--n", type=int, default=16)
     d.add_argument("--shots", type=int, default=4)
 
-    t = command("tasks", cmd_tasks, "list the available tasks", model=False)
+    t = command("tasks", cmd_tasks, "list the available tasks: kind, label count, split sizes", model=False)
     t.add_argument("--data-dir", default=None)
+    command("models", cmd_models, "list the embedded models and whether each is installed", model=False)
     return p
 
 

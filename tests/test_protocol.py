@@ -60,7 +60,7 @@ def test_the_chosen_setting_is_the_argmax_of_a_hand_computed_dev_sweep(tiny, exp
 
 def test_test_scores_are_the_plain_steered_and_unsteered_forwards(tiny, experiment):
     vector, target, result = experiment
-    test = target.task.split("test")[:CFG.limit]
+    test = target.test.examples
     for name, setting in (("zero_shot", None), ("planted", result.chosen["planted"].setting)):
         manual = _manual_scores(tiny, target, test, vector, setting)
         assert result.methods[name].pred == manual.argmax(-1).tolist()
@@ -85,3 +85,19 @@ def test_a_target_without_dev_items_borrows_the_best_mean_setting(tiny, experime
     assert result.chosen["planted"].borrowed_from == (donor.target, donor.target)
     assert result.chosen["planted"].dev_accuracy == pytest.approx(best.dev_accuracy)
     assert np.isclose(result.methods["planted"].accuracy, np.mean(result.methods["planted"].correct))
+
+
+def test_limit_takes_a_seeded_subset_stratified_by_label():
+    """The first 70 Financial PhraseBank test items are all one label: --limit must not take the first N."""
+    from collections import Counter
+
+    from castlens.experiments.protocol import test_items
+
+    t = load_task("financial_phrasebank")
+    idx = test_items(t, 60, seed=0)
+    assert len(idx) == 60 == len(set(idx)) and idx == sorted(idx) and idx != list(range(60))
+    full, got = Counter(e.output for e in t.test), Counter(t.test[i].output for i in idx)
+    for label, n in full.items():  # each label keeps its share, to within one item
+        assert abs(got[label] - 60 * n / len(t.test)) <= 1
+    assert test_items(t, 60, seed=0) == idx and test_items(t, 60, seed=1) != idx
+    assert test_items(t, None, 0) == list(range(len(t.test))) == test_items(t, 10**6, 0)

@@ -67,7 +67,7 @@ def test_steered_predictions_equal_a_plain_steered_forward(tiny, study, variant)
     method, n = variant.split("@")
     vec = _manual_vector(tiny, cfg, part["rankings"][method][: int(n)])
     target = load_task("plural")
-    test = target.test[: cfg.limit]
+    test = [target.test[i] for i in part["test_items"]]  # the seeded, stratified subset of cfg.limit items
     setting = part["methods"][variant]["setting"]
     scores = []
     for ex in test:
@@ -88,7 +88,7 @@ def test_icl_uses_the_selected_samples_as_many_as_fit(tiny, study):
     part = parts["last_item"]
     target, fmt = load_task("last_item"), default_format(load_task("last_item"))
     sources = {s: load_task(s) for s in cfg.sources}
-    test = target.test[: cfg.limit]
+    test = [target.test[i] for i in part["test_items"]]
     items = part["icl_items"]
     assert len(items) == cfg.icl_limit and len(set(items)) == len(items)
     used = [part["icl"][f"icl@{n}"]["demos_used"] for n in cfg.ns]

@@ -38,16 +38,8 @@ import json
 from pathlib import Path
 
 from castlens.experiments.protocol import Candidate, ProtocolConfig, grid, prepare, prompted, tune_and_test
-from castlens.experiments.results import (
-    MethodResult,
-    Row,
-    Setting,
-    SweepPoint,
-    TargetResult,
-    paired_delta,
-    summarize,
-    to_csv,
-)
+from castlens.experiments.results import (MethodResult, Row, Setting, SweepPoint, TargetResult, paired_delta, summarize,
+                                          to_csv)
 from castlens.experiments.run import Run, RunError
 
 __all__ = ["Candidate", "ProtocolConfig", "grid", "prepare", "prompted", "tune_and_test", "MethodResult", "Row",
@@ -79,10 +71,13 @@ def regenerate(out: str | Path, png: bool | None = None, compare_to: str | Path 
            "transfer": transfer.TransferConfig}[kind]
     cfg = _config(cls, out / "config.json")
     run = Run(out, cfg, png=png)
-    missing = [t for t in cfg.targets if not run.part_path(t).exists()]
+    from castlens.tasks import load_task
+
+    names = [load_task(t).name if t.endswith(".json") else t for t in cfg.targets]  # a target given by its file
+    missing = [t for t in names if not run.part_path(t).exists()]
     if missing:
         raise RunError(f"{out} has no finished part for {missing}; rerun the experiment to finish it")
-    parts = [TargetResult.from_dict(json.loads(run.part_path(t).read_text())) for t in cfg.targets]
+    parts = [TargetResult.from_dict(json.loads(run.part_path(t).read_text())) for t in names]
     if kind == "compose":
         compose.report(run, cfg, parts, compare_to)
     elif kind == "study":

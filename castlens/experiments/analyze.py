@@ -24,7 +24,7 @@ from castlens.vectors import SteeringVector, VectorFileError, load_vectors, save
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["run_analysis", "run_vectors", "AnalysisResult"]
+__all__ = ["run_analysis", "run_vectors", "check_vector_run", "AnalysisResult"]
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,24 @@ def run_analysis(load: Callable[[], TransformerBridge], model: str, tasks: Seque
     return AnalysisResult(summary, write_report(data, summary, out, png=png))
 
 
+def check_vector_run(n: int, shots: int, out: str | Path, overwrite: bool = False) -> None:
+    """Refuse what would write a meaningless or unwanted file: no queries, no demonstrations (a few-shot prompt
+    equal to the zero-shot one gives an all-zero vector), an existing output without ``overwrite``."""
+    if n < 1 or shots < 1:
+        raise ValueError(f"--n and --shots must be at least 1 (got n={n}, shots={shots}): with no demonstrations "
+                         "the few-shot prompt is the zero-shot prompt and the vector is zero")
+    out = Path(out)
+    st = out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
+    if st.exists() and not overwrite:
+        raise ValueError(f"{st} exists; pass --overwrite to replace it (or choose another --out)")
+
+
 def run_vectors(model: TransformerBridge, tasks: Sequence[str], n: int, shots: int, out: str | Path, seed: int = 0,
                 chat: bool = False, batch_size: int = 16, data_dir: str | None = None, truncate_demos: bool = False,
                 overwrite: bool = False, log: Callable[[str], None] = print) -> tuple[Path, dict[str, SteeringVector]]:
     """One vector per task into ``out`` (see the module docstring); returns the file and the vectors."""
     out = Path(out)
-    st = out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
-    if st.exists() and not overwrite:
-        raise ValueError(f"{st} exists; pass --overwrite to replace it (or choose another --out)")
+    check_vector_run(n, shots, out, overwrite)
     parts = out.with_name(out.name + ".parts")
     want = {"model": model_name(model), "n_samples": n, "shots": shots, "seed": seed, "chat": chat}
     vectors = {}

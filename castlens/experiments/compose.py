@@ -30,15 +30,8 @@ import numpy as np
 import torch
 
 from castlens.compose import basis, family, library, objective, search
-from castlens.experiments.protocol import (
-    Candidate,
-    Items,
-    ProtocolConfig,
-    check_config,
-    prepare,
-    prompted,
-    tune_and_test,
-)
+from castlens.experiments.protocol import (Candidate, Items, ProtocolConfig, check_config, check_layers, input_digests,
+                                           prepare, prompted, tune_and_test)
 from castlens.experiments.results import Row, Setting, TargetResult, fmt_interval, paired_delta, summarize, to_csv
 from castlens.experiments.run import Run, RunError
 from castlens.models import model_name
@@ -163,8 +156,9 @@ def run_compose(model: TransformerBridge, library_vectors: Mapping[str, object],
         raise ValueError(f"the config names model {cfg.model!r} but the loaded model is {model_name(model)!r}")
     if tuple(library_vectors) != cfg.library:
         raise ValueError(f"the config's library {list(cfg.library)} is not the one given {list(library_vectors)}")
-    targets = {t: load_task(t, data_dir) for t in cfg.targets}
-    run = Run(out, cfg, png=png, log=log)
+    check_layers(None if cfg.layer is None else [cfg.layer], model.cfg.n_layers)
+    targets = {t.name: t for t in (load_task(s, data_dir) for s in cfg.targets)}
+    run = Run(out, cfg, png=png, log=log, inputs=input_digests(model, list(targets.values())))
 
     def compute(name: str, done: list[TargetResult]) -> TargetResult:
         lib = {k: v for k, v in library_vectors.items()
@@ -177,9 +171,9 @@ def run_compose(model: TransformerBridge, library_vectors: Mapping[str, object],
             f"{100 * part.methods['steer2adapt'].accuracy:.1f}%; alpha {np.round(part.extra['alpha'], 2).tolist()}")
         return part
 
-    parts = run.parts(list(cfg.targets), compute, TargetResult.from_dict, TargetResult.to_dict,
-                      {t: len(targets[t].test[:cfg.limit]) for t in cfg.targets})
-    return report(run, cfg, [parts[t] for t in cfg.targets], compare_to)
+    parts = run.parts(list(targets), compute, TargetResult.from_dict, TargetResult.to_dict,
+                      {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in targets})
+    return report(run, cfg, [parts[t] for t in targets], compare_to)
 
 
 def report(run: Run, cfg: ComposeConfig, parts: Sequence[TargetResult], compare_to: str | Path | None = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ProtocolConfig", "Candidate", "Items", "Prepared", "prepare", "tune_and_test", "prompted", "grid",
            "default_layers", "split_dev", "options_for", "encode", "borrowed_settings", "check_config",
-           "by_accuracy", "Pick"]
+           "by_accuracy", "Pick", "test_items", "input_digests", "check_layers"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,13 @@ def check_config(cfg: object) -> None:
     both = set(getattr(cfg, "sources", ())) & set(getattr(cfg, "targets", ()))
     if both:
         raise TaskError(f"tasks {sorted(both)} are both source and target")
+
+
+def check_layers(layers: Sequence[int] | None, n_layers: int) -> None:
+    """Refuse steering layers the model does not have, naming the valid range (before any forward pass)."""
+    bad = [x for x in layers or () if not 0 <= x < n_layers]
+    if bad:
+        raise ValueError(f"steering layers {bad} out of range: the model has layers 0..{n_layers - 1}")
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -172,24 +179,45 @@ class Prepared:
     zero_prefix: list[int]
     seed: int = 0
     shots: int = 4
+    test_items: list[int] | None = None   # indices into the test split when a subset is scored
 
     def block(self, ex: Example) -> str:
         return self.fmt.render(ex, True)
 
 
+def test_items(task: Task, limit: int | None, seed: int = 0) -> list[int]:
+    """Indices of the test items a run scores: all of them, or a seeded random subset of ``limit``, stratified
+    by label for a classification task (each label keeps its share, largest remainders first), in split order.
+    Never the first ``limit``: a split sorted by label would leave whole classes out."""
+    test = task.split("test")
+    if limit is None or limit >= len(test):
+        return list(range(len(test)))
+    rng = random.Random(f"{seed}:limit:{task.name}")
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(test):
+        groups.setdefault(e.output if task.kind == "classification" else "", []).append(i)
+    share = {k: limit * len(v) / len(test) for k, v in groups.items()}
+    take = {k: int(s) for k, s in share.items()}
+    for k in sorted(groups, key=lambda k: (-(share[k] - take[k]), k))[: limit - sum(take.values())]:
+        take[k] += 1
+    return sorted(i for k, v in groups.items() for i in rng.sample(v, take[k]))
+
+
 def prepare(model: TransformerBridge, task: Task, cfg: ProtocolConfig, dev: Sequence[Example] | None = None
             ) -> Prepared:
     """``task`` split into dev (``cfg.dev`` train items, or the given ``dev``), the demonstration pool and the
-    first ``cfg.limit`` test items, encoded."""
+    test items (:func:`test_items`), encoded."""
     fmt = default_format(task)
     if dev is None:
         dev, pool = split_dev(task, cfg.dev, cfg.shots, cfg.seed)
     else:
         pool = [e for e in task.train if e not in dev]
-    test = task.split("test")[: cfg.limit]
+    items = test_items(task, cfg.limit, cfg.seed)
+    test = [task.split("test")[i] for i in items]
     enc = (lambda xs: encode(model, task, fmt, xs, cfg.n_candidates, cfg.seed))
     return Prepared(task, fmt, enc(dev) if dev else None, enc(test), list(pool),
-                    prefix_ids(model, [fmt.instruction], fmt), cfg.seed, cfg.shots)
+                    prefix_ids(model, [fmt.instruction], fmt), cfg.seed, cfg.shots,
+                    None if len(items) == len(task.test) else items)
 
 
 def label_baselines(gold: Sequence[int], options: Sequence[Sequence]) -> tuple[float, float]:
@@ -275,9 +303,12 @@ def tune_and_test(model: TransformerBridge, target: Prepared, candidates: Mappin
         methods[name] = method_result(scores[i], t, tokens, shared + timings[name], c.setting, keep_scores)
     chance, majority = label_baselines(t.gold, t.options)
     layers = sorted({c.setting.layer for c in flat if c.setting.layer is not None})
+    if target.task.kind != "classification":
+        majority = None  # the options are other items' outputs, drawn per item: there is no majority class
     return TargetResult(target.task.name, len(t.queries), t.gold, chance, majority, methods,
                         n_dev=0 if target.dev is None else len(target.dev.queries), n_options=max(map(len, t.options)),
-                        layers=layers, chosen=chosen, sweep=sweep)
+                        layers=layers, chosen=chosen, sweep=sweep, kind=target.task.kind,
+                        extra={} if target.test_items is None else {"test_items": target.test_items})
 
 
 def prompted(model: TransformerBridge, prefix: Sequence[int], items: Items, batch_size: int = 16,
@@ -301,10 +332,20 @@ def in_task_icl(model: TransformerBridge, target: Prepared, batch_size: int = 16
     return {"icl_in_task": prompted(model, prefix, target.test, batch_size)}
 
 
-@dataclass(frozen=True)
-class Costs:
-    """Tokens and seconds spent building vectors (reported beside the tables)."""
+def input_digests(model: TransformerBridge, tasks: Sequence[Task]) -> dict[str, str]:
+    """sha256 of each task's content (its items, labels and instruction) and of the model's weights: recorded in
+    a run's config, so a part is never reused after the data or the weights it came from changed."""
+    import hashlib
+    import json
 
-    tokens: int = 0
-    seconds: float = 0.0
-    per_target: dict[str, float] = field(default_factory=dict)
+    out = {}
+    for t in tasks:
+        blob = json.dumps([t.instruction, t.labels, [[e.input, e.output] for e in t.train],
+                           [[e.input, e.output] for e in t.test]], ensure_ascii=False).encode()
+        out[f"task:{t.name}"] = hashlib.sha256(blob).hexdigest()
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    out["model_weights"] = h.hexdigest()
+    return out

@@ -130,17 +130,18 @@ class TargetResult:
     n_test: int
     gold: list[int]
     chance: float
-    majority: float
+    majority: float | None
     methods: dict[str, MethodResult]
     n_dev: int = 0
     n_options: int | None = None
     layers: list[int] = field(default_factory=list)
     chosen: dict[str, SweepPoint] = field(default_factory=dict)
     sweep: list[SweepPoint] = field(default_factory=list)
+    kind: str = "classification"   # a generation target's options are other items' outputs
     extra: dict[str, Any] = field(default_factory=dict)
 
     _CORE = ("target", "n_test", "n_dev", "gold", "n_options", "chance", "majority", "layers", "chosen", "sweep",
-             "methods")
+             "methods", "kind")
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"target": self.target, "n_test": self.n_test, "n_dev": self.n_dev, "gold": self.gold,
@@ -148,6 +149,8 @@ class TargetResult:
                              "layers": self.layers, "chosen": {k: v.to_dict() for k, v in self.chosen.items()},
                              "sweep": [p.to_dict() for p in self.sweep],
                              "methods": {k: v.to_dict() for k, v in self.methods.items()}}
+        if self.kind != "classification":
+            d["kind"] = self.kind
         return {**d, **self.extra}
 
     @classmethod
@@ -157,7 +160,7 @@ class TargetResult:
                    layers=list(d.get("layers", [])),
                    methods={k: MethodResult.from_dict(k, v) for k, v in d["methods"].items()},
                    chosen={k: SweepPoint.from_dict(v) for k, v in d.get("chosen", {}).items()},
-                   sweep=[SweepPoint.from_dict(p) for p in d.get("sweep", [])],
+                   sweep=[SweepPoint.from_dict(p) for p in d.get("sweep", [])], kind=d.get("kind", "classification"),
                    extra={k: v for k, v in d.items() if k not in cls._CORE})
 
     def with_methods(self, methods: Mapping[str, MethodResult], **extra: Any) -> TargetResult:
@@ -194,7 +197,7 @@ class Row:
     accuracy: float
     ci_lo: float
     ci_hi: float
-    macro_f1: float
+    macro_f1: float | None      # None for generation targets (options drawn per item: no classes)
     n_test: int
     prompt_tokens: float
     setting: Setting | None = None
@@ -246,8 +249,8 @@ def summarize(parts: Sequence[TargetResult], methods: Sequence[str], refs: Mappi
             draws[(p.target, m)] = np.asarray(res.correct, dtype=float)[idx].mean(1)
             acc, f1 = accuracy_and_macro_f1(res.pred, p.gold)
             lo, hi = _ci(draws[(p.target, m)])
-            rows.append(Row(p.target, m, acc, lo, hi, f1, p.n_test, res.prompt_tokens, res.setting, p.chance,
-                            p.majority))
+            rows.append(Row(p.target, m, acc, lo, hi, f1 if p.kind == "classification" else None, p.n_test,
+                            res.prompt_tokens, res.setting, p.chance, p.majority))
     means: list[Row] = []
     for m in methods:
         mine = [r for r in rows if r.method == m]
@@ -256,8 +259,9 @@ def summarize(parts: Sequence[TargetResult], methods: Sequence[str], refs: Mappi
         label = "mean" if len(mine) == len(parts) else f"mean ({len(mine)} of {len(parts)})"
         draws[("mean", m)] = np.mean([draws[(r.target, m)] for r in mine], 0)
         lo, hi = _ci(draws[("mean", m)])
+        f1s = [r.macro_f1 for r in mine if r.macro_f1 is not None]
         means.append(Row(label, m, float(np.mean([r.accuracy for r in mine])), lo, hi,
-                         float(np.mean([r.macro_f1 for r in mine])), sum(r.n_test for r in mine),
+                         float(np.mean(f1s)) if len(f1s) == len(mine) else None, sum(r.n_test for r in mine),
                          float(np.mean([r.prompt_tokens for r in mine])), mean=True))
     out = []
     for r in rows + means:

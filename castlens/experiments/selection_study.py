@@ -31,25 +31,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from castlens.experiments.protocol import (
-    ProtocolConfig,
-    check_config,
-    default_layers,
-    grid,
-    prepare,
-    prompted,
-    tune_and_test,
-)
-from castlens.experiments.results import (
-    Interval,
-    MethodResult,
-    Row,
-    TargetResult,
-    fmt_interval,
-    paired_delta,
-    summarize,
-    to_csv,
-)
+from castlens.experiments.protocol import (ProtocolConfig, check_config, check_layers, default_layers, grid,
+                                           input_digests, prepare, prompted, tune_and_test)
+from castlens.experiments.results import (Interval, MethodResult, Row, TargetResult, fmt_interval, paired_delta,
+                                          summarize, to_csv)
 from castlens.experiments.run import Run
 from castlens.experiments.sources import EMBEDDERS, Sample, candidate_pool, embed_texts, sample_diffs
 from castlens.files import atomic_write
@@ -205,9 +190,10 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: str | Path, data_
     resumes), then the tables and figures (:func:`report`). Returns the ablation and the scaling rows."""
     if model_name(model) != cfg.model:
         raise ValueError(f"the config names model {cfg.model!r} but the loaded model is {model_name(model)!r}")
-    sources = {s: load_task(s, data_dir) for s in cfg.sources}
-    targets = {t: load_task(t, data_dir) for t in cfg.targets}
-    run = Run(out, cfg, png=png, log=log)
+    check_layers(cfg.layers, model.cfg.n_layers)
+    sources = {t.name: t for t in (load_task(s, data_dir) for s in cfg.sources)}
+    targets = {t.name: t for t in (load_task(s, data_dir) for s in cfg.targets)}
+    run = Run(out, cfg, png=png, log=log, inputs=input_digests(model, [*sources.values(), *targets.values()]))
     diffs: dict[int, torch.Tensor] = {}
     embedded: dict[str, tuple[list[Sample], np.ndarray]] = {}  # the pool and its embeddings, made when first needed
 
@@ -217,10 +203,10 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: str | Path, data_
         pool, emb = embedded["pool"]
         return run_target(model, cfg, targets[name], sources, pool, emb, diffs, done, batch_size, log)
 
-    order = sorted(cfg.targets, key=lambda t: not targets[t].train)
+    order = sorted(targets, key=lambda t: not targets[t].train)
     parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict,
-                      {t: len(targets[t].test[:cfg.limit]) for t in order})
-    return report(run, cfg, [parts[t] for t in cfg.targets])
+                      {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order})
+    return report(run, cfg, [parts[t] for t in targets])
 
 
 def _embedded_pool(model: TransformerBridge, cfg: StudyConfig, sources: list[Task], run: Run, batch_size: int
@@ -297,6 +283,10 @@ def paired_table(views: Sequence[TargetResult], cfg: StudyConfig) -> list[DeltaR
             for t, ps in [*((v.target, [v]) for v in views), ("mean", list(views))] for n in sorted(cfg.ns)]
 
 
+def _targets(rows: Sequence[Row]) -> list[str]:
+    return list(dict.fromkeys(r.target for r in rows if not r.mean))
+
+
 def _setting(r: Row) -> str:
     return f"{r.setting.layer} x {r.setting.strength:g}" if r.setting is not None and r.setting.layer is not None \
         else ""
@@ -306,7 +296,7 @@ def results_md(cfg: StudyConfig, ablation: Sequence[Row], scaling: Sequence[Row]
     emb = {"model": "the model's own residual stream at its middle layer (mean over tokens after the first)",
            "minilm": "all-MiniLM-L6-v2 sentence embeddings"}[cfg.embedder]
     lines = [f"# Source-sample selection{' and scaling' if cfg.ns else ''}: {', '.join(cfg.sources)} -> "
-             f"{', '.join(cfg.targets)}", "",
+             f"{', '.join(_targets(ablation))}", "",
              f"Model {cfg.model}. CAST mean-difference vectors (CAST Eq. 2-3) from source samples chosen out of "
              f"{cfg.pool} candidates per source task, embedded for the graph search with {emb}, centred on the "
              f"pool's mean; each vector's layer and strength chosen on {cfg.dev} dev items "
@@ -344,7 +334,8 @@ def figures(cfg: StudyConfig, ablation: Sequence[Row], scaling: Sequence[Row]) -
     from castlens import plots
 
     who = f"{cfg.model}; sources {', '.join(cfg.sources)}"
-    groups = [*cfg.targets, "mean"]
+    targets = _targets(ablation)
+    groups = [*targets, "mean"]
     ab_methods = ["zero_shot", *(variant_name(m, cfg.ablation_n) for m in cfg.methods)]
 
     def cell(rows: Sequence[Row], t: str, m: str, k: str) -> float:
@@ -352,7 +343,7 @@ def figures(cfg: StudyConfig, ablation: Sequence[Row], scaling: Sequence[Row]) -
         v = None if r is None else getattr(r, k)
         return math.nan if v is None else v
 
-    chance = [cell(ablation, t, "zero_shot", "chance") for t in cfg.targets]
+    chance = [cell(ablation, t, "zero_shot", "chance") for t in targets]
     out = {"ablation": plots.method_bars(
         groups, {m: [cell(ablation, t, m, "accuracy") for t in groups] for m in ab_methods},
         {m: [(cell(ablation, t, m, "ci_lo"), cell(ablation, t, m, "ci_hi")) for t in groups] for m in ab_methods},

@@ -36,15 +36,8 @@ from torch import Tensor
 from castlens.models import model_name
 from castlens.prompts import default_format, sample_demos
 from castlens.tasks import Example, Task, TaskError
-from castlens.vectors import (
-    SteeringVector,
-    contrastive_differences,
-    demonstration_states,
-    prefix_ids,
-    principal_direction,
-    random_like,
-    text_ids,
-)
+from castlens.vectors import (SteeringVector, contrastive_differences, demonstration_states, prefix_ids,
+                              principal_direction, random_like, text_ids)
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge

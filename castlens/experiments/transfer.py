@@ -30,29 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from castlens.experiments.protocol import (
-    ProtocolConfig,
-    check_config,
-    default_layers,
-    grid,
-    in_task_icl,
-    prepare,
-    prompted,
-    split_dev,
-    tune_and_test,
-)
+from castlens.experiments.protocol import (ProtocolConfig, check_config, check_layers, default_layers, grid,
+                                           in_task_icl, input_digests, prepare, prompted, split_dev, tune_and_test)
 from castlens.experiments.results import Row, TargetResult, fmt_interval, summarize, to_csv
 from castlens.experiments.run import Run
-from castlens.experiments.sources import (
-    CONSTRUCTIONS,
-    EMBEDDERS,
-    MODES,
-    SourceRecord,
-    candidate_pool,
-    embed_texts,
-    random_samples,
-    source_vectors,
-)
+from castlens.experiments.sources import (CONSTRUCTIONS, EMBEDDERS, MODES, SourceRecord, candidate_pool, embed_texts,
+                                          random_samples, source_vectors)
 from castlens.files import atomic_write
 from castlens.models import model_name
 from castlens.prompts import default_format
@@ -153,9 +136,10 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
     figures (:func:`report`). A second call with the same config resumes; with a different one it refuses."""
     if model_name(model) != cfg.model:
         raise ValueError(f"the config names model {cfg.model!r} but the loaded model is {model_name(model)!r}")
-    sources = {s: load_task(s, data_dir) for s in cfg.sources}
-    targets = {t: load_task(t, data_dir) for t in cfg.targets}
-    run = Run(out, cfg, png=png, log=log)
+    check_layers(cfg.layers, model.cfg.n_layers)
+    sources = {t.name: t for t in (load_task(s, data_dir) for s in cfg.sources)}
+    targets = {t.name: t for t in (load_task(s, data_dir) for s in cfg.targets)}
+    run = Run(out, cfg, png=png, log=log, inputs=input_digests(model, [*sources.values(), *targets.values()]))
     shared = _vectors(model, cfg, list(sources.values()), run, "vectors.safetensors", "sources.json", None) \
         if cfg.select == "random" else None
     layers = list(cfg.layers or default_layers(model.cfg.n_layers))
@@ -174,12 +158,12 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
             f"CAST {100 * part.methods['cast_mean_diff'].accuracy:.1f}%")
         return part
 
-    order = sorted(cfg.targets, key=lambda t: not targets[t].train)  # a test-only target borrows from the others
+    order = sorted(targets, key=lambda t: not targets[t].train)  # a test-only target borrows from the others
     parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict,
-                      {t: len(targets[t].test[:cfg.limit]) for t in order})
+                      {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order})
     files = [run.out / "sources.json"] if shared else sorted((run.out / "vectors").glob("*.sources.json"))
     records = [SourceRecord.from_dict(json.loads(p.read_text())) for p in files]
-    return report(run, cfg, [parts[t] for t in cfg.targets], records)
+    return report(run, cfg, [parts[t] for t in targets], records)
 
 
 def report(run: Run, cfg: TransferConfig, parts: Sequence[TargetResult], records: Sequence[SourceRecord]
@@ -231,7 +215,7 @@ def sweep_figure(p: TargetResult, caption: str = "") -> Any:
 
 def _markdown(rows: Sequence[Row], cfg: TransferConfig, targets: list[str], ms: dict,
               records: Sequence[SourceRecord]) -> str:
-    lines = [f"# Transfer: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}", "",
+    lines = [f"# Transfer: {', '.join(cfg.sources)} -> {', '.join(targets)}", "",
              f"Model {cfg.model}; {cfg.n} source samples ({cfg.select} selection), {cfg.shots} demonstrations per "
              f"ICL prompt; layer and strength chosen on {cfg.dev} dev items per target (from its train split); "
              f"accuracy in % with 95% bootstrap intervals over test items ({cfg.n_boot} draws). Delta columns: "
@@ -242,11 +226,18 @@ def _markdown(rows: Sequence[Row], cfg: TransferConfig, targets: list[str], ms: 
         s = r.setting
         setting = f"{s.layer} x {s.strength:g}" if s is not None and s.layer is not None else ""
         lines.append(f"| {r.target} | {r.method} | {100 * r.accuracy:.1f} [{100 * r.ci_lo:.1f}, {100 * r.ci_hi:.1f}] "
-                     f"| {100 * r.macro_f1:.1f} | {fmt_interval(r.deltas.get('zero'))} | "
+                     f"| {'n/a' if r.macro_f1 is None else f'{100 * r.macro_f1:.1f}'} | "
+                     f"{fmt_interval(r.deltas.get('zero'))} | "
                      f"{fmt_interval(r.deltas.get('cross_icl'))} | {setting} | {r.prompt_tokens:.0f} |")
     lines += ["", "Chance and majority-class accuracy per target: " + "; ".join(
-        f"{r.target} {100 * r.chance:.0f}% / {100 * (r.majority or 0):.0f}%" for r in rows
-        if r.method == "zero_shot" and r.chance is not None) + ".", "",
+        f"{r.target} {100 * r.chance:.0f}% / {100 * r.majority:.0f}%" for r in rows
+        if r.method == "zero_shot" and r.chance is not None and r.majority is not None) + "."]
+    generation = sorted({r.target for r in rows if r.chance is not None and r.majority is None})
+    if generation:
+        lines += ["", f"Generation targets ({', '.join(generation)}): each item is scored as a choice between its gold "
+                  f"output and {cfg.n_candidates - 1} outputs of other items of the task (chance "
+                  f"{100 / cfg.n_candidates:.0f}%); they have no classes, so no macro-F1 and no majority baseline."]
+    lines += ["",
         f"Vectors: {sum(r.tokens_processed for r in records)} tokens processed once, "
         f"{sum(r.seconds for r in records):.0f}s. Wall time per test query, in ms (with castlens' prefix and body "
         "reuse; see costs.csv):", ""]
