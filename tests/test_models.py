@@ -79,7 +79,8 @@ def test_parts_are_joined_into_the_cache_and_checked(tmp_path, monkeypatch):
     assert joined and path == tmp_path / "cache" / "m.gguf" and path.read_bytes() == b"GGUF-two-three"
     path.unlink()
     wrong = dataclasses.replace(spec, sha256="0" * 64)
-    with pytest.raises(ModelError, match=r"m\.gguf: sha256 [0-9a-f]{64}, but the model table expects 0{64} for m\.gguf"):
+    expected = r"m\.gguf: sha256 [0-9a-f]{64}, but the model table expects 0{64} for m\.gguf"
+    with pytest.raises(ModelError, match=expected):
         gguf_file(wrong)
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written or wrong is left behind
 
@@ -99,7 +100,8 @@ def test_a_missing_part_names_its_package(tmp_path, monkeypatch):
 
 # --- names, folders, architectures ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("typo, meant", [("gemma-3-207m", "gemma-3-270m"), ("smollm2-135m-instuct", "smollm2-135m-instruct"),
+@pytest.mark.parametrize("typo, meant", [("gemma-3-207m", "gemma-3-270m"),
+                                         ("smollm2-135m-instuct", "smollm2-135m-instruct"),
                                          ("tiny-lama", "tiny-llama"), ("Tiny-Gemma3", "tiny-gemma3")])
 def test_model_name_typos_get_a_did_you_mean(typo, meant):
     with pytest.raises(ModelError, match=f"unknown model '{typo}'; did you mean '{meant}'"):
