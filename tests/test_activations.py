@@ -91,3 +91,21 @@ def test_mean_resid_equals_the_mean_of_a_single_prompt_cache(tiny):
         assert (every[i] - h.mean(0)).abs().max() < 1e-4
     with pytest.raises(ValueError, match="out of range"):
         mean_resid(tiny, prompts, layer=7)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batched_equals_one_by_one_and_plain_transformers_past_the_window(tiny_any, padding_side):
+    """On tiny-llama and on tiny-gemma3 (sliding window 16), with prompts of up to 240 tokens: padding keeps
+    every row as it is alone, and each row equals the plain Hugging Face decoder layers' outputs."""
+    from conftest import plain_hf
+
+    from castlens.models import TINY_GEMMA3_WINDOW
+
+    ids = tokenize(tiny_any, PROMPTS)
+    assert sum(len(s) > 3 * TINY_GEMMA3_WINDOW for s in ids) >= 2
+    alone = torch.cat([last_token_resid(tiny_any, [s]) for s in ids])
+    batched = last_token_resid(tiny_any, ids, batch_size=3, padding_side=padding_side)
+    assert (batched - alone).abs().max() < 1e-4
+    ref = plain_hf(tiny_any)
+    for i, s in enumerate(ids):
+        assert (alone[i] - hf_last_token_states(ref, s)).abs().max() < 1e-4, i

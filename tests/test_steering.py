@@ -242,3 +242,51 @@ def test_attention_internal_hooks_get_eager_attention_inside_steering(tiny):
         again = tiny(ids)  # the hooks are gone again: back on sdpa
     assert len(cache) == tiny.cfg.n_layers and cache["blocks.0.attn.hook_pattern"].shape[-1] == ids.shape[1]
     assert (logits - fast).abs().max() < 1e-5 and torch.equal(again, fast)
+
+
+def plain_steered_logits(ref, ids, v, layer, strength, at):
+    """Independent reference: a plain Hugging Face forward with ``strength * v[layer]`` added to the decoder
+    layer's output at positions ``at`` (a list, or ``None`` for every position) by a torch forward hook."""
+    def add(module, inputs, output):
+        hs = (output[0] if isinstance(output, tuple) else output).clone()
+        sel = slice(None) if at is None else at
+        hs[:, sel] = hs[:, sel] + strength * v[layer]
+        return (hs, *output[1:]) if isinstance(output, tuple) else hs
+
+    h = ref.model.layers[layer].register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            return ref(torch.tensor([ids])).logits[0]
+    finally:
+        h.remove()
+
+
+def test_steering_equals_a_plain_transformers_hook_past_the_window(tiny_any):
+    from conftest import plain_hf
+
+    ids = tokenize(tiny_any, [PROMPTS[0] * 2])[0]
+    assert len(ids) > 4 * 16  # several sliding windows of tiny-gemma3
+    v = torch.randn(4, 64, generator=torch.Generator().manual_seed(11))
+    want = plain_steered_logits(plain_hf(tiny_any), ids, v, 2, 2.0, None)
+    with torch.no_grad(), steering(tiny_any, v, layers=2, strength=2.0):
+        got = tiny_any(torch.tensor([ids]))[0]
+    with torch.no_grad(), residual_stream_only(tiny_any), steering(tiny_any, v, layers=2, strength=2.0):
+        got_sdpa = tiny_any(torch.tensor([ids]))[0]
+    assert (got - want).abs().max() < 1e-4 and (got_sdpa - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_cached_generation_equals_an_uncached_plain_forward_past_the_window(tiny_any, positions):
+    """KV-cache greedy decoding from a 40-token prompt (2.5 windows of tiny-gemma3) to 48 tokens, against one
+    uncached plain Hugging Face forward over prompt + generated tokens, steered by a hook where asked."""
+    from conftest import plain_hf
+
+    from castlens.steering import generate
+
+    prompt = [256] + list(range(60, 99))
+    v = torch.randn(4, 64, generator=torch.Generator().manual_seed(12)) * 3
+    new = generate(tiny_any, prompt, 8, v, 1, 2.0, positions)
+    at = [len(prompt) - 1] if positions == "last" else None
+    logits = plain_steered_logits(plain_hf(tiny_any), prompt + new[:-1], v, 1, 2.0, at)
+    assert logits[len(prompt) - 1:].argmax(-1).tolist() == new
+    assert new != generate(tiny_any, prompt, 8)  # the vector did change the output
