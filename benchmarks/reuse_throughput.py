@@ -93,7 +93,8 @@ def main() -> None:
 
     # 1. few-shot scoring
     if "scoring" in only:
-        t_reuse, m_reuse, s_reuse = best(lambda: prefix_option_logprobs(model, prefix, queries, opt_ids, batch_size=bs)[0], R)
+        t_reuse, m_reuse, s_reuse = best(
+            lambda: prefix_option_logprobs(model, prefix, queries, opt_ids, batch_size=bs)[0], R)
         t_whole, m_whole, s_whole = best(lambda: prefix_option_logprobs(model, [], full, opt_ids, batch_size=bs)[0], R)
         t_rows, m_rows, s_rows = best(lambda: option_logprobs(model, full, [labels] * len(full), batch_size=bs), R)
         res["scoring"] = {"reuse_s": t_reuse, "whole_prompt_s": t_whole, "row_per_option_s": t_rows,
@@ -106,7 +107,8 @@ def main() -> None:
     if "extraction" in only:
         t_r, m_r, a_r = best(lambda: prefix_last_token_resid(model, prefix, queries, batch_size=bs), R)
         t_p, m_p, a_p = best(lambda: last_token_resid(model, full, batch_size=bs), R)
-        res["extraction"] = {"reuse_s": t_r, "plain_s": t_p, "speedup": t_p / t_r, "max_rel_diff": check(a_r, a_p, "resid", relative=True),
+        res["extraction"] = {"reuse_s": t_r, "plain_s": t_p, "speedup": t_p / t_r,
+                             "max_rel_diff": check(a_r, a_p, "resid", relative=True),
                              "median_s": [m_r, m_p]}
         print("extraction", res["extraction"], flush=True)
 

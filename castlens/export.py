@@ -359,12 +359,12 @@ def _import_repeng() -> Any:
     """Import repeng; 0.4.0 names ``np.float_`` (gone in NumPy 2) in annotations evaluated at import only."""
     shim = not hasattr(np, "float_")
     if shim:
-        np.float_ = np.float64
+        setattr(np, "float_", np.float64)
     try:
         return _require("repeng", "repeng", "to_repeng")
     finally:
         if shim:
-            del np.float_
+            delattr(np, "float_")
 
 
 def _per_layer(vector: SteeringVector, layers: int | Sequence[int] | None, what: str) -> dict[int, Tensor]:

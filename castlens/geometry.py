@@ -88,7 +88,8 @@ def _samples(samples: Any, name: str = "samples", min_tasks: int = 1) -> tuple[l
     for k, t in zip(names, ts):
         if t.shape[1:] != ref:
             raise ValueError(
-                f"{name}[{k!r}]: expected [n, layer, d] = [n, {ref[0]}, {ref[1]}] like {names[0]!r}, got {tuple(t.shape)}"
+                f"{name}[{k!r}]: expected [n, layer, d] = [n, {ref[0]}, {ref[1]}] like {names[0]!r}, "
+                f"got {tuple(t.shape)}"
             )
     return names, ts
 
@@ -233,7 +234,7 @@ def mean_cross_task_cosine_ci(
     ci: float = 0.95,
     seed: int = 0,
     method: str = "centered",
-) -> dict[str, Float[Tensor, "layer"]]:
+) -> dict[str, Float[Tensor, " layer"]]:
     """Mean off-diagonal cosine of the task-mean vectors per layer, with a bootstrap CI.
 
     The headline statistic (CAST): average each task's difference vectors, take the cosine
@@ -300,7 +301,7 @@ def bootstrap_mean_ci(
 # ----------------------------------------------------------------------------- random baseline
 
 
-def random_cosine_baseline(d_model: int, n_tasks: int, n_layers: int, seed: int = 0) -> Float[Tensor, "layer"]:
+def random_cosine_baseline(d_model: int, n_tasks: int, n_layers: int, seed: int = 0) -> Float[Tensor, " layer"]:
     """Mean off-diagonal cosine of ``n_tasks`` i.i.d. Gaussian vectors, per layer. float64.
 
     The chance level for cross-task cosines: ~0, spread ~ 1/sqrt(d_model * n_tasks * (n_tasks - 1) / 2).
@@ -369,7 +370,8 @@ def shared_component_share(
     v = _f64(task_vectors, "task_vectors", "task layer d")
     p = _f64(pc1, "pc1", "layer d")
     if p.shape != v.shape[1:]:
-        raise ValueError(f"pc1: expected shape [layer, d] = {tuple(v.shape[1:])} to match task_vectors, got {tuple(p.shape)}")
+        raise ValueError(f"pc1: expected shape [layer, d] = {tuple(v.shape[1:])} to match task_vectors, "
+                         f"got {tuple(p.shape)}")
     if (p.norm(dim=-1) <= _EPS).any():
         raise ValueError("pc1: a layer's direction has zero norm")
     cos = (_unit(v) * _unit(p)[None]).sum(-1)  # [task, layer]
@@ -404,7 +406,7 @@ def uncentred_first_component(samples: Float[Tensor, "n layer d"]) -> dict[str, 
 
 
 def pca_project(
-    x: Float[Tensor, "n d"], components: Float[Tensor, "k d"], mean: Float[Tensor, "d"]
+    x: Float[Tensor, "n d"], components: Float[Tensor, "k d"], mean: Float[Tensor, " d"]
 ) -> Float[Tensor, "n k"]:
     """Coordinates of ``x`` in a PCA basis: (x - mean) @ components.T. float64."""
     xx = _f64(x, "x", "n d")
@@ -418,7 +420,7 @@ def pca_project(
     return (xx - m) @ c.T
 
 
-def best_layer(signal: Float[Tensor, "layer"], control: Float[Tensor, "layer"]) -> int:
+def best_layer(signal: Float[Tensor, " layer"], control: Float[Tensor, " layer"]) -> int:
     """Layer with the largest margin of signal over control: argmax(signal - control) (first on ties)."""
     s = _f64(signal, "signal", "layer")
     c = _f64(control, "control", "layer")

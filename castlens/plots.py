@@ -354,7 +354,8 @@ def accuracy_sweep(
     for i, (name, val) in enumerate((baselines or {}).items()):
         v = float(val)
         fig.add_trace(go.Scatter(x=[x.min(), x.max()], y=[v, v], mode="lines", name=str(name),
-                                 line=dict(color=greys[i % len(greys)], dash="dash", width=2), hovertemplate=f"{name}: {v:.3g}<extra></extra>"))
+                                 line=dict(color=greys[i % len(greys)], dash="dash", width=2),
+                                 hovertemplate=f"{name}: {v:.3g}<extra></extra>"))
     return _finish(fig, title, caption, xaxis_title, yaxis_title)
 
 

@@ -30,7 +30,7 @@ the pool instead of building an ``n x n`` matrix.
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -90,6 +90,7 @@ def knn(base: np.ndarray, queries: np.ndarray, k: int, seed: int = 0, exact_up_t
 
     n, d = base.shape
     k = min(k, n)
+    index: Any  # an exact or an inverted-file faiss index
     if n <= exact_up_to:
         index = faiss.IndexFlatIP(d)
     else:

@@ -14,6 +14,7 @@ No pickle is used anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -77,6 +78,15 @@ class SteeringVector:
     def at(self, layer: int) -> Float[Tensor, "d_model"]:
         return self.directions[layer]
 
+    def apply(self, model: TransformerBridge, layers: int | Sequence[int], strength: float = 1.0,
+              positions: str | Tensor = "last", **kw: Any) -> contextlib.AbstractContextManager[None]:
+        """Steer with this vector: ``with v.apply(model, layers=15, strength=4.0): ...`` adds ``strength *
+        v[L]`` at ``blocks.{L}.hook_resid_post`` (:func:`castlens.steering.steering`, which checks that the
+        vector was made for ``model``); the hooks are removed on exit, also after an error."""
+        from castlens.steering import steering
+
+        return steering(model, self, layers, strength, positions, **kw)
+
     def metadata(self) -> dict:
         meta = {k: v for k, v in asdict(self).items() if k not in ("directions", "samples")}
         return {**meta, "n_layers": self.n_layers, "d_model": self.d_model}
@@ -126,8 +136,8 @@ def contrastive_activations(model: TransformerBridge, negative: Sequence[Prompt]
                          f"and {[len(p) for p in positives]} positive")
     sets = [negative, *positives]
     if prefixes is None:
-        acts = last_token_resid(model, [x for s in sets for x in s], batch_size=batch_size, chat=chat,
-                                progress=progress)
+        flat: list[Any] = [x for s in sets for x in s]  # all text or all token ids
+        acts = last_token_resid(model, flat, batch_size=batch_size, chat=chat, progress=progress)
         return acts.view(len(sets), len(negative), *acts.shape[1:])
     from castlens.reuse import prefix_last_token_resid
 

@@ -101,7 +101,8 @@ def test_pca_matches_sklearn_and_is_orthonormal():
     out = G.pca_by_layer(torch.from_numpy(x), n_components=4)
     for layer in range(2):
         ref = PCA(n_components=4, svd_solver="full").fit(x[:, layer])
-        np.testing.assert_allclose(out["explained_variance_ratio"][layer].numpy(), ref.explained_variance_ratio_, atol=1e-10)
+        np.testing.assert_allclose(out["explained_variance_ratio"][layer].numpy(), ref.explained_variance_ratio_,
+                                   atol=1e-10)
         c = out["components"][layer].numpy()
         np.testing.assert_allclose(np.abs(np.sum(c * ref.components_, axis=1)), 1.0, atol=1e-8)
         np.testing.assert_allclose(c @ c.T, np.eye(4), atol=1e-10)
@@ -336,7 +337,8 @@ _nan = _x.clone()
 _nan[0, 0, 0] = float("nan")
 
 BAD = [
-    ("cosine_matrix 2-D", lambda: G.cosine_matrix(torch.randn(4, 5)), r"vectors: expected shape \[task layer d\].*got \(4, 5\)"),
+    ("cosine_matrix 2-D", lambda: G.cosine_matrix(torch.randn(4, 5)),
+     r"vectors: expected shape \[task layer d\].*got \(4, 5\)"),
     ("cosine_matrix NaN", lambda: G.cosine_matrix(_nan), r"vectors: contains NaN"),
     ("cosine_matrix empty", lambda: G.cosine_matrix(torch.randn(0, 2, 4)), r"vectors: expected non-empty"),
     ("mean_offdiag not square", lambda: G.mean_offdiag(torch.randn(3, 4)), r"mat: expected shape \[\.\.\., n, n\]"),
@@ -347,7 +349,8 @@ BAD = [
     ("sample_cosines 1 task", lambda: G.sample_cosines({"a": _x}), r"samples: expected at least 2 tasks"),
     ("sample_cosines d mismatch", lambda: G.sample_cosines({"a": _x, "b": torch.randn(3, 2, 5)}),
      r"samples\['b'\]: expected \[n, layer, d\] = \[n, 2, 4\].*got \(3, 2, 5\)"),
-    ("sample_cosines 2-D task", lambda: G.sample_cosines({"a": _x, "b": torch.randn(3, 4)}), r"samples\['b'\]: expected shape \[n layer d\]"),
+    ("sample_cosines 2-D task", lambda: G.sample_cosines({"a": _x, "b": torch.randn(3, 4)}),
+     r"samples\['b'\]: expected shape \[n layer d\]"),
     ("sample_cosines NaN", lambda: G.sample_cosines({"a": _x, "b": _nan}), r"samples\['b'\]: contains NaN"),
     ("sample_cosines max_pairs", lambda: G.sample_cosines({"a": _x, "b": _x}, max_pairs=0), r"max_pairs"),
     ("ci 1 task", lambda: G.mean_cross_task_cosine_ci({"a": _x}), r"samples: expected at least 2 tasks"),
@@ -363,12 +366,16 @@ BAD = [
     ("pca 2-D", lambda: G.pca_by_layer(torch.randn(5, 8)), r"samples: expected shape \[n layer d\]"),
     ("pca one sample", lambda: G.pca_by_layer(torch.randn(1, 2, 3)), r"samples: expected at least 2 samples"),
     ("pca n_components", lambda: G.pca_by_layer(_x, n_components=0), r"n_components"),
-    ("share pc1 shape", lambda: G.shared_component_share(_x, torch.randn(2, 5)), r"pc1: expected shape \[layer, d\] = \(2, 4\)"),
+    ("share pc1 shape", lambda: G.shared_component_share(_x, torch.randn(2, 5)),
+     r"pc1: expected shape \[layer, d\] = \(2, 4\)"),
     ("share pc1 zero", lambda: G.shared_component_share(_x, torch.zeros(2, 4)), r"pc1: .*zero norm"),
-    ("project comps", lambda: G.pca_project(torch.randn(5, 4), torch.randn(2, 3), torch.zeros(4)), r"components: expected shape \[k, d\] with d = 4"),
-    ("project mean", lambda: G.pca_project(torch.randn(5, 4), torch.randn(2, 4), torch.zeros(3)), r"mean: expected shape \[d\] with d = 4"),
+    ("project comps", lambda: G.pca_project(torch.randn(5, 4), torch.randn(2, 3), torch.zeros(4)),
+     r"components: expected shape \[k, d\] with d = 4"),
+    ("project mean", lambda: G.pca_project(torch.randn(5, 4), torch.randn(2, 4), torch.zeros(3)),
+     r"mean: expected shape \[d\] with d = 4"),
     ("best_layer shape", lambda: G.best_layer(torch.randn(3), torch.randn(4)), r"control: expected shape \[layer\]"),
-    ("best_layer NaN", lambda: G.best_layer(torch.tensor([0.0, float("nan")]), torch.zeros(2)), r"signal: contains NaN"),
+    ("best_layer NaN", lambda: G.best_layer(torch.tensor([0.0, float("nan")]), torch.zeros(2)),
+     r"signal: contains NaN"),
 ]
 
 

@@ -75,7 +75,8 @@ def test_vector_files_round_trip_arbitrary_metadata(tmp_path_factory, names, pro
 
 @PROPS
 @given(name=text, inp=st.one_of(text, st.integers(), st.none()), out=st.one_of(text, st.none()),
-       labels=st.one_of(st.none(), st.lists(text, max_size=3)), kind=st.sampled_from(["classification", "generation", "x"]),
+       labels=st.one_of(st.none(), st.lists(text, max_size=3)),
+       kind=st.sampled_from(["classification", "generation", "x"]),
        instruction=st.one_of(st.none(), text, st.integers()))
 def test_task_files_with_arbitrary_content_load_or_fail_with_task_error(tmp_path_factory, name, inp, out, labels,
                                                                          kind, instruction):

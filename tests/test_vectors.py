@@ -146,3 +146,47 @@ def test_icl_task_vector_equals_plain_transformers(tiny):
     assert all(p.endswith("\n\nx\nAnswer:") and p.count("\nAnswer: ") == 2 for p in prompts)
     manual = torch.stack([hf_last_token_states(ref_model, ids) for ids in tokenize(tiny, prompts)]).mean(0)
     assert (tv.directions - manual).abs().max() < 1e-4
+
+
+def test_apply_steers_like_steering_and_removes_its_hooks(tiny):
+    """``v.apply(...)`` equals a plain forward with a manual hook adding strength * v[L] at the last prompt token."""
+    import torch
+
+    from castlens.activations import tokenize
+
+    v = task_vector(tiny, "antonym", n=3, shots=2, seed=0)
+    ids = torch.tensor([tokenize(tiny, ["hot\nAnswer:"])[0]])
+
+    def manual(x, hook):
+        x = x.clone()
+        x[:, -1] += 4.0 * v.directions[2]
+        return x
+
+    with tiny.hooks(fwd_hooks=[("blocks.2.hook_resid_post", manual)]):
+        want = tiny(ids, return_type="logits")
+    with v.apply(tiny, layers=2, strength=4.0):
+        got = tiny(ids, return_type="logits")
+    plain = tiny(ids, return_type="logits")
+    assert (got - want).abs().max() < 1e-4 and (got - plain).abs().max() > 1e-3
+
+
+def test_vector_from_your_own_prompts_equals_a_manual_mean(tiny):
+    """A CAA-style vector from user pairs: the mean of plain-transformers last-token differences."""
+    import torch
+    from conftest import hf_last_token_states
+
+    from castlens.activations import tokenize
+    from castlens.vectors import vector_from_prompts
+
+    pos, neg = ["I love this.\nAnswer:", "Great film.\nAnswer:"], ["I hate this.\nAnswer:", "Awful film.\nAnswer:"]
+    v = vector_from_prompts(tiny, pos, neg, name="sentiment")
+    ref = tiny_hf_model(seed=0)
+    manual = torch.stack([hf_last_token_states(ref, p) - hf_last_token_states(ref, n)
+                          for p, n in zip(tokenize(tiny, pos), tokenize(tiny, neg))]).mean(0)
+    assert (v.directions - manual).abs().max() < 1e-4 and v.samples.shape == (2, 4, 64)
+    ids = tokenize(tiny, pos)[0]
+    v2 = vector_from_prompts(tiny, [ids, tokenize(tiny, pos)[1]], neg)  # token ids work too
+    assert torch.allclose(v2.directions, v.directions, atol=1e-5)
+    assert v.prompts[0]["positive"] == pos[0] and len(v.prompts[0]["positive_ids_sha256"]) == 64
+    assert v2.prompts[0]["positive"] is None
+    assert v2.prompts[0]["positive_ids_sha256"] == v.prompts[0]["positive_ids_sha256"]

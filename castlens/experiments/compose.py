@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
@@ -30,14 +30,13 @@ import numpy as np
 import torch
 
 from castlens.compose import basis, family, library, objective, search
-from castlens.experiments.protocol import (Candidate, Items, ProtocolConfig, check_config, check_layers, input_digests,
-                                           prepare, prompted, tune_and_test)
+from castlens.experiments.protocol import (Candidate, Items, ProtocolConfig, check_config, open_run, prepare, prompted,
+                                           tune_and_test)
 from castlens.experiments.results import Row, Setting, TargetResult, fmt_interval, paired_delta, summarize, to_csv
 from castlens.experiments.run import Run, RunError
-from castlens.models import model_name
 from castlens.reuse import Setting as Steer
 from castlens.reuse import prefix_option_logprobs
-from castlens.tasks import Task, load_task
+from castlens.tasks import Task
 from castlens.vectors import prefix_ids
 
 if TYPE_CHECKING:
@@ -72,9 +71,6 @@ class ComposeConfig(ProtocolConfig):
 
     def __post_init__(self) -> None:
         check_config(self)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _full(v: np.ndarray, layer: int, n_layers: int) -> torch.Tensor:
@@ -152,13 +148,9 @@ def run_compose(model: TransformerBridge, library_vectors: Mapping[str, object],
                 batch_size: int = 32, png: bool | None = None, log: Callable[[str], None] = print) -> list[Row]:
     """:func:`adapt` on each target (one part each, resumable; the config is checked like every run's), then
     the tables and the coefficient heatmap (:func:`report`)."""
-    if model_name(model) != cfg.model:
-        raise ValueError(f"the config names model {cfg.model!r} but the loaded model is {model_name(model)!r}")
     if tuple(library_vectors) != cfg.library:
         raise ValueError(f"the config's library {list(cfg.library)} is not the one given {list(library_vectors)}")
-    check_layers(None if cfg.layer is None else [cfg.layer], model.cfg.n_layers)
-    targets = {t.name: t for t in (load_task(s, data_dir) for s in cfg.targets)}
-    run = Run(out, cfg, png=png, log=log, inputs=input_digests(model, list(targets.values())))
+    run, _, targets = open_run(model, cfg, out, data_dir, png, log, None if cfg.layer is None else [cfg.layer])
 
     def compute(name: str, done: list[TargetResult]) -> TargetResult:
         lib = {k: v for k, v in library_vectors.items()

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
@@ -32,7 +33,8 @@ from castlens.experiments.results import UNSTEERED_NAME, MethodResult, Setting, 
 from castlens.prompts import PromptFormat, default_format, sample_demos
 from castlens.reuse import UNSTEERED, prefix_option_logprobs
 from castlens.reuse import Setting as Steer
-from castlens.tasks import Example, Task, TaskError
+from castlens.experiments.run import Run
+from castlens.tasks import Example, Task, TaskError, load_task
 from castlens.vectors import prefix_ids, text_ids
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ProtocolConfig", "Candidate", "Items", "Prepared", "prepare", "tune_and_test", "prompted", "grid",
            "default_layers", "split_dev", "options_for", "encode", "borrowed_settings", "check_config",
-           "by_accuracy", "Pick", "test_items", "input_digests", "check_layers"]
+           "by_accuracy", "Pick", "test_items", "input_digests", "check_layers", "open_run"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class ProtocolConfig:
     limit: int | None = None         # test items (None: the whole test split)
     n_candidates: int = 4            # answer candidates for generation targets
     seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -301,7 +306,8 @@ def tune_and_test(model: TransformerBridge, target: Prepared, candidates: Mappin
     methods = {"zero_shot": method_result(scores[0], t, tokens, shared + timings[UNSTEERED.name], None, keep_scores)}
     for i, (name, c) in enumerate(pick_c.items(), 1):
         methods[name] = method_result(scores[i], t, tokens, shared + timings[name], c.setting, keep_scores)
-    chance, majority = label_baselines(t.gold, t.options)
+    chance, majority_class = label_baselines(t.gold, t.options)
+    majority: float | None = majority_class
     layers = sorted({c.setting.layer for c in flat if c.setting.layer is not None})
     if target.task.kind != "classification":
         majority = None  # the options are other items' outputs, drawn per item: there is no majority class
@@ -349,3 +355,21 @@ def input_digests(model: TransformerBridge, tasks: Sequence[Task]) -> dict[str, 
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     out["model_weights"] = h.hexdigest()
     return out
+
+
+def open_run(model: TransformerBridge, cfg: ProtocolConfig, out: str | Path, data_dir: str | None = None,
+             png: bool | None = None, log: Callable[[str], None] = print, layers: Sequence[int] | None = None
+             ) -> tuple[Run, dict[str, Task], dict[str, Task]]:
+    """What every runner does first: check the loaded model against the config and the steering ``layers``
+    against the model, load the sources and targets (by name; a task given by its file is keyed by its name),
+    and open the run folder with the inputs' checksums. Returns the run, the sources and the targets."""
+    from castlens.models import model_name
+
+    if model_name(model) != getattr(cfg, "model", None):
+        raise ValueError(f"the config names model {getattr(cfg, 'model', None)!r} but the loaded model is "
+                         f"{model_name(model)!r}")
+    check_layers(layers, model.cfg.n_layers)
+    sources = {t.name: t for t in (load_task(s, data_dir) for s in getattr(cfg, "sources", ()))}
+    targets = {t.name: t for t in (load_task(s, data_dir) for s in getattr(cfg, "targets", ()))}
+    run = Run(out, cfg, png=png, log=log, inputs=input_digests(model, [*sources.values(), *targets.values()]))
+    return run, sources, targets

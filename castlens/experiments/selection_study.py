@@ -24,24 +24,24 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
-from castlens.experiments.protocol import (ProtocolConfig, check_config, check_layers, default_layers, grid,
-                                           input_digests, prepare, prompted, tune_and_test)
+from castlens.experiments.protocol import (ProtocolConfig, check_config, default_layers, grid, open_run, prepare,
+                                           prompted, tune_and_test)
 from castlens.experiments.results import (Interval, MethodResult, Row, TargetResult, fmt_interval, paired_delta,
                                           summarize, to_csv)
 from castlens.experiments.run import Run
 from castlens.experiments.sources import EMBEDDERS, Sample, candidate_pool, embed_texts, sample_diffs
 from castlens.files import atomic_write
-from castlens.models import context_length, model_name
+from castlens.models import context_length
 from castlens.prompts import default_format
 from castlens.selection import SELECTION_METHODS, select_indices
-from castlens.tasks import Task, TaskError, load_task
+from castlens.tasks import Task, TaskError
 from castlens.vectors import prefix_ids, text_ids
 
 if TYPE_CHECKING:
@@ -79,9 +79,6 @@ class StudyConfig(ProtocolConfig):
         if (self.ns and min(self.ns) < 1) or self.ablation_n < 1:
             raise ValueError(f"sample counts must be >= 1, got ns={self.ns}, ablation_n={self.ablation_n}")
         check_config(self)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def variants(self) -> list[tuple[str, int]]:
         """(selection method, n) of every CAST vector: the ablation's, then the scaling curves' (no repeats)."""
@@ -188,12 +185,7 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: str | Path, data_
               ) -> tuple[list[Row], list[Row]]:
     """The study into ``out``: ``config.json``, ``candidates.safetensors``, one part per target (a rerun
     resumes), then the tables and figures (:func:`report`). Returns the ablation and the scaling rows."""
-    if model_name(model) != cfg.model:
-        raise ValueError(f"the config names model {cfg.model!r} but the loaded model is {model_name(model)!r}")
-    check_layers(cfg.layers, model.cfg.n_layers)
-    sources = {t.name: t for t in (load_task(s, data_dir) for s in cfg.sources)}
-    targets = {t.name: t for t in (load_task(s, data_dir) for s in cfg.targets)}
-    run = Run(out, cfg, png=png, log=log, inputs=input_digests(model, [*sources.values(), *targets.values()]))
+    run, sources, targets = open_run(model, cfg, out, data_dir, png, log, cfg.layers)
     diffs: dict[int, torch.Tensor] = {}
     embedded: dict[str, tuple[list[Sample], np.ndarray]] = {}  # the pool and its embeddings, made when first needed
 

@@ -26,21 +26,20 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from castlens.experiments.protocol import (ProtocolConfig, check_config, check_layers, default_layers, grid,
-                                           in_task_icl, input_digests, prepare, prompted, split_dev, tune_and_test)
+from castlens.experiments.protocol import (ProtocolConfig, check_config, default_layers, grid, in_task_icl, open_run,
+                                           prepare, prompted, split_dev, tune_and_test)
 from castlens.experiments.results import Row, TargetResult, fmt_interval, summarize, to_csv
 from castlens.experiments.run import Run
 from castlens.experiments.sources import (CONSTRUCTIONS, EMBEDDERS, MODES, SourceRecord, candidate_pool, embed_texts,
                                           random_samples, source_vectors)
 from castlens.files import atomic_write
-from castlens.models import model_name
 from castlens.prompts import default_format
 from castlens.selection import SELECTION_METHODS, select_indices
-from castlens.tasks import Task, load_task
+from castlens.tasks import Task
 from castlens.vectors import SteeringVector, load_vectors, prefix_ids, save_vectors
 
 if TYPE_CHECKING:
@@ -77,9 +76,6 @@ class TransferConfig(ProtocolConfig):
         if self.embedder not in EMBEDDERS:
             raise ValueError(f"unknown embedder {self.embedder!r}; available: {', '.join(EMBEDDERS)}")
         check_config(self)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _vectors(model: TransformerBridge, cfg: TransferConfig, sources: Sequence[Task], run: Run, vec: str, rec: str,
@@ -134,12 +130,7 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
                  batch_size: int = 16, png: bool | None = None, log: Callable[[str], None] = print) -> list[Row]:
     """The whole run into ``out``: ``config.json``, the source vectors, one part per target, then the tables and
     figures (:func:`report`). A second call with the same config resumes; with a different one it refuses."""
-    if model_name(model) != cfg.model:
-        raise ValueError(f"the config names model {cfg.model!r} but the loaded model is {model_name(model)!r}")
-    check_layers(cfg.layers, model.cfg.n_layers)
-    sources = {t.name: t for t in (load_task(s, data_dir) for s in cfg.sources)}
-    targets = {t.name: t for t in (load_task(s, data_dir) for s in cfg.targets)}
-    run = Run(out, cfg, png=png, log=log, inputs=input_digests(model, [*sources.values(), *targets.values()]))
+    run, sources, targets = open_run(model, cfg, out, data_dir, png, log, cfg.layers)
     shared = _vectors(model, cfg, list(sources.values()), run, "vectors.safetensors", "sources.json", None) \
         if cfg.select == "random" else None
     layers = list(cfg.layers or default_layers(model.cfg.n_layers))
