@@ -28,6 +28,7 @@ from castlens.activations import last_token_resid, length_sorted_batches, pad_ba
 from castlens.models import load_hf, load_model
 from castlens.prompts import contrastive_pairs
 from castlens.tasks import CAST_SOURCES, load_task
+from castlens.models import tokenizer_of
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
     seqs = [s for s in seqs if len(s) <= a.max_tokens][: a.n]
     n_tokens = sum(len(s) for s in seqs)
     batches = [[seqs[i] for i in b] for b in length_sorted_batches(seqs, a.batch_size)]  # castlens' batches
-    pad = model.castlens_tokenizer.pad_token_id
+    pad = tokenizer_of(model).pad_token_id
 
     def castlens_run():
         return last_token_resid(model, seqs, batch_size=a.batch_size, progress=False)

@@ -64,7 +64,7 @@ def main() -> None:
 
     from castlens.activations import last_token_resid
     from castlens.evaluation import option_logprobs
-    from castlens.models import tiny_tokenizer
+    from castlens.models import register, tiny_tokenizer
     from castlens.steering import steering
 
     ap = argparse.ArgumentParser()
@@ -87,7 +87,7 @@ def main() -> None:
     tok = tiny_tokenizer()
     bridge = TransformerBridge.boot_transformers(f"llama-3.1-8b-shaped-{a.config}", hf_model=hf, tokenizer=tok)
     bridge.eval()
-    bridge.castlens_name, bridge.castlens_tokenizer = f"random-{a.config}", tok
+    register(bridge, f"random-{a.config}", tok)
     n_body = sum(p.numel() for n, p in hf.model.named_parameters() if "embed_tokens" not in n)
     L, d = cfg.num_hidden_layers, cfg.hidden_size
     flops_tok = 2 * n_body + 2 * L * a.seq * d

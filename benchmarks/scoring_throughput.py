@@ -22,6 +22,7 @@ from castlens.evaluation import option_logprobs
 from castlens.models import load_hf, load_model
 from castlens.prompts import contrastive_pairs
 from castlens.tasks import load_task
+from castlens.models import tokenizer_of
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     task = load_task("financial_phrasebank")
     prompts = [p.few for p in contrastive_pairs(task, a.n, a.shots, seed=0)]
     options = [list(task.labels)] * len(prompts)
-    tok = model.castlens_tokenizer
+    tok = tokenizer_of(model)
     rows, spans = [], []
     for ids in tokenize(model, prompts):
         for opt in task.labels:

@@ -138,7 +138,7 @@ def _forward(model: TransformerBridge, ids: Tensor, mask: Tensor, pos: Tensor, k
     device = next(model.parameters()).device
     if isinstance(kv, DynamicCache):
         cache = kv
-        for layer in cache.layers:
+        for layer in _layers(cache):
             layer.rewind()
     else:
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
@@ -185,11 +185,17 @@ class _RewindableLayer(DynamicLayer):
         self.keys, self.values = self.buf_k[:, :, :self.base], self.buf_v[:, :, :self.base]
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        assert self.keys is not None  # set by rewind() in __init__
         end = self.keys.shape[-2] + key_states.shape[-2]
         self.buf_k[:, :, end - key_states.shape[-2]:end] = key_states
         self.buf_v[:, :, end - key_states.shape[-2]:end] = value_states
         self.keys, self.values = self.buf_k[:, :, :end], self.buf_v[:, :, :end]
         return self.keys, self.values
+
+
+def _layers(cache: DynamicCache) -> list[Any]:
+    """The cache's layers, untyped: castlens' own (rewindable) layers or transformers' ones, all with keys/values."""
+    return list(cache.layers)
 
 
 def _rewindable(kv: KV, room: int) -> DynamicCache:
@@ -199,7 +205,7 @@ def _rewindable(kv: KV, room: int) -> DynamicCache:
 
 
 def _kv(cache: DynamicCache) -> KV:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(layer.keys, layer.values) for layer in _layers(cache)]
 
 
 def _select(kv: KV, rows: Tensor) -> KV:
@@ -242,13 +248,14 @@ def _body_batch(model: TransformerBridge, prefix_kv: KV | None, p: int, bodies: 
     ids, mask, pos = _layout(model, p, bodies)
     nxt = torch.tensor([p + len(s) for s in bodies])
     width = ids.shape[1]
-    cache = _rewindable(_expand(prefix_kv, len(bodies)), width + room) if prefix_kv else None
+    expanded = _expand(prefix_kv, len(bodies))
+    cache = _rewindable(expanded, width + room) if expanded else None
     if width == 0:
         return cache, mask, nxt
     grown, _, _ = _forward(model, ids, mask, pos, cache, None)
     if cache is None:
         return _rewindable(_kv(grown), room), mask, nxt
-    for layer in cache.layers:  # keep the bodies: later passes rewind to here
+    for layer in _layers(cache):  # keep the bodies: later passes rewind to here
         layer.base = layer.keys.shape[-2]
     return cache, mask, nxt
 
@@ -302,7 +309,7 @@ def prefix_option_logprobs(model: TransformerBridge, prefix_ids: Sequence[int], 
             raise ValueError(f"query {i} is empty")
         if not opts or any(not o for o in opts):
             raise ValueError(f"query {i} has no options or an option with no tokens")
-    check_lengths(model, [list(prefix_ids) + list(q) + list(max(o, key=len)) for q, o in zip(query_ids, option_ids)])
+    check_lengths(model, [list(prefix_ids) + list(q) + max((list(x) for x in o), key=len) for q, o in zip(query_ids, option_ids)])
     for s in settings:
         if s.directions is not None and not 0 <= s.layer < model.cfg.n_layers:
             raise ValueError(f"setting {s.name!r}: layer {s.layer} out of range")
@@ -343,6 +350,7 @@ def prefix_option_logprobs(model: TransformerBridge, prefix_ids: Sequence[int], 
                     with steering(model, s.directions, s.layer, s.strength, positions=torch.zeros(len(rows),
                                   dtype=torch.long), norm_preserving=s.norm_preserving, mode=s.mode):
                         _, h, _ = _forward(model, ids, full_mask, pos, kv_rows, read)
+                assert h is not None  # read= was given: the final residual at the option positions
                 lp = torch.log_softmax(model.unembed(model.ln_final(h[None]))[0].float(), -1).cpu()
                 for b, q in enumerate(batch):
                     for j, (r, toks) in enumerate(reads[b]):

@@ -4,6 +4,7 @@ from conftest import hf_last_token_states
 
 from castlens.activations import PromptTooLongError, last_token_resid, tokenize
 from castlens.models import tiny_hf_model
+from castlens.models import tokenizer_of
 
 PROMPTS = [
     "a",
@@ -40,10 +41,10 @@ def test_layer_subset_and_order(tiny):
 
 def test_token_ids_and_chat(tiny):
     ids = tokenize(tiny, PROMPTS[:2])
-    assert ids[0][0] == tiny.castlens_tokenizer.bos_token_id and ids[0].count(ids[0][0]) == 1
+    assert ids[0][0] == tokenizer_of(tiny).bos_token_id and ids[0].count(ids[0][0]) == 1
     assert torch.equal(last_token_resid(tiny, ids), last_token_resid(tiny, PROMPTS[:2]))
     chat = tokenize(tiny, ["hi"], chat=True)[0]
-    assert tiny.castlens_tokenizer.decode(chat) == "<bos>user: hi<eos><bos>assistant:"
+    assert tokenizer_of(tiny).decode(chat) == "<bos>user: hi<eos><bos>assistant:"
 
 
 def test_hooks_removed_and_attention_restored(tiny):

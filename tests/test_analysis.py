@@ -7,10 +7,11 @@ from castlens.analysis import VARIANTS, Collected, collect, summarize, write_rep
 from castlens.prompts import contrastive_pairs, default_format, filler_prompt, shuffled_label_prompt
 from castlens.tasks import load_task
 from castlens.vectors import load_vectors, save_vectors
+from castlens.models import tokenizer_of
 
 
 def test_controls_keep_instruction_query_and_length(tiny):
-    tok = tiny.castlens_tokenizer
+    tok = tokenizer_of(tiny)
     count = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     task = load_task("sst2")
     fmt = default_format(task)

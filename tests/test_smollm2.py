@@ -8,6 +8,7 @@ from castlens.models import load_hf
 from castlens.prompts import contrastive_pairs
 from castlens.tasks import load_task
 from castlens.vectors import task_vector
+from castlens.models import tokenizer_of
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +24,9 @@ def test_loads_real_smollm2(smollm2, plain):
     assert (smollm2.cfg.n_layers, smollm2.cfg.d_model) == (30, 576)
     ids = tokenize(smollm2, ["The capital of France is"])[0]
     assert ids == plain[1]("The capital of France is").input_ids  # one tokenization path, no BOS added
-    assert smollm2.castlens_tokenizer.bos_token == "<|im_start|>"
+    assert tokenizer_of(smollm2).bos_token == "<|im_start|>"
     chat = tokenize(smollm2, ["hi"], chat=True)[0]
-    assert chat.count(smollm2.castlens_tokenizer.bos_token_id) == 3  # system, user, assistant: no doubled BOS
+    assert chat.count(tokenizer_of(smollm2).bos_token_id) == 3  # system, user, assistant: no doubled BOS
     with torch.no_grad():
         logits = plain[0](torch.tensor([ids])).logits[0, -1]
     assert plain[1].decode(logits.argmax()).strip() == "Paris"  # a real instruction-tuned model, not noise
