@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from contextvars import ContextVar
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -116,6 +116,13 @@ def tokenize(model, texts: Sequence[str], chat: bool = False) -> list[list[int]]
     return [list(ids) for ids in tok(texts)["input_ids"]]
 
 
+def token_ids(model, prompts: Sequence[str] | Sequence[Sequence[int]], chat: bool = False) -> list[list[int]]:
+    """Prompts given as text (tokenized by :func:`tokenize`) or as token ids (copied), as lists of ids."""
+    if prompts and isinstance(prompts[0], str):
+        return tokenize(model, cast("Sequence[str]", prompts), chat)
+    return [list(p) for p in cast("Sequence[Sequence[int]]", prompts)]
+
+
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right"
               ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch"]]:
     """Padded ids, the attention mask and the index of each row's last real token."""
@@ -180,7 +187,7 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
         raise ValueError(f"layers {bad or layers} out of range for a model with {n_layers} layers")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
-    seqs = tokenize(model, prompts, chat) if isinstance(prompts[0], str) else [list(p) for p in prompts]
+    seqs = token_ids(model, prompts, chat)
     check_lengths(model, seqs, task=task)
 
     out = torch.empty(len(seqs), len(layers), model.cfg.d_model, dtype=torch.float32)
@@ -225,7 +232,7 @@ def mean_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layer: i
         raise ValueError(f"layer {layer} out of range for a model with {model.cfg.n_layers} layers")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
-    seqs = tokenize(model, prompts) if isinstance(prompts[0], str) else [list(p) for p in prompts]
+    seqs = token_ids(model, prompts)
     check_lengths(model, seqs, task=task)
     out = torch.empty(len(seqs), model.cfg.d_model, dtype=torch.float32)
     device = next(model.parameters()).device

@@ -26,8 +26,15 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from castlens.activations import (HOOK, StopForward, check_lengths, length_sorted_batches, pad_batch, prompt_ends,
-                                  tokenize)
+from castlens.activations import (
+    HOOK,
+    StopForward,
+    check_lengths,
+    length_sorted_batches,
+    pad_batch,
+    prompt_ends,
+    token_ids,
+)
 from castlens.models import pad_id, residual_stream_only, tokenizer_of
 
 
@@ -43,11 +50,12 @@ def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], opt
     if not prompts:
         raise ValueError("no prompts given")
     tok = tokenizer_of(model)
-    p_ids = tokenize(model, prompts, chat) if isinstance(prompts[0], str) else [list(p) for p in prompts]
-    rows, where = [], []  # one row per (prompt, option)
-    longest = []  # each prompt with its longest option: what must fit the context
-    for i, (ids, opts) in enumerate(zip(p_ids, options)):
-        if not ids:
+    p_ids = token_ids(model, prompts, chat)
+    rows: list[list[int]] = []  # one row per (prompt, option)
+    where: list[tuple[int, int, int, int]] = []  # (prompt, option, prompt length, option length) per row
+    longest: list[list[int]] = []  # each prompt with its longest option: what must fit the context
+    for i, (prompt, opts) in enumerate(zip(p_ids, options)):
+        if not prompt:
             raise ValueError(f"prompt {i} is empty after tokenization")
         if not opts:
             raise ValueError(f"prompt {i} has no options")
@@ -55,8 +63,8 @@ def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], opt
             cont = tok(sep + opt, add_special_tokens=False)["input_ids"]
             if not cont:
                 raise ValueError(f"prompt {i}, option {j} ({opt!r}) tokenizes to nothing")
-            rows.append(ids + cont)
-            where.append((i, j, len(ids), len(cont)))
+            rows.append(prompt + cont)
+            where.append((i, j, len(prompt), len(cont)))
         longest.append(max((rows[-k] for k in range(1, len(opts) + 1)), key=len))
     check_lengths(model, longest, task=task)
     out = torch.full((len(prompts), max(len(o) for o in options)), float("-inf"))

@@ -249,7 +249,8 @@ def _words(rng: random.Random, k: int) -> list[str]:
 
 BUILTIN_TASKS: dict[str, Callable[[], Task]] = {
     "uppercase": _builtin("uppercase", "Write the word in capital letters.",
-                          lambda r: (w := r.choice(_WORDS) + r.choice(["", "s", "y"]), w.upper()), n_train=100, n_test=50),
+                          lambda r: (w := r.choice(_WORDS) + r.choice(["", "s", "y"]), w.upper()),
+                          n_train=100, n_test=50),
     "first_item": _builtin("first_item", "Give the first item of the list.",
                            lambda r: (", ".join(ws := _words(r, r.randint(3, 5))), ws[0])),
     "last_item": _builtin("last_item", "Give the last item of the list.",
