@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from castlens.models import context_length, pad_id, residual_stream_only, tokenizer_of
+from castlens.models import context_length, model_name, pad_id, residual_stream_only, tokenizer_of
 
 HOOK = "blocks.{layer}.hook_resid_post"
 
@@ -76,7 +76,7 @@ _PROMPT_LAST: ContextVar[Tensor | None] = ContextVar("castlens_prompt_last", def
 
 
 @contextlib.contextmanager
-def prompt_ends(last: Int[Tensor, "batch"]) -> Iterator[None]:
+def prompt_ends(last: Int[Tensor, " batch"]) -> Iterator[None]:
     """Tell an active :func:`castlens.steering.steering` ``(positions="last")`` which position of each row is the
     last token of that row's *prompt*, for every forward pass run inside this context.
 
@@ -96,7 +96,7 @@ def prompt_ends(last: Int[Tensor, "batch"]) -> Iterator[None]:
         _PROMPT_LAST.reset(token)
 
 
-def current_prompt_ends() -> Int[Tensor, "batch"] | None:
+def current_prompt_ends() -> Int[Tensor, " batch"] | None:
     """The per-row prompt-last indices registered by the innermost :func:`prompt_ends`, or ``None``."""
     return _PROMPT_LAST.get()
 
@@ -108,7 +108,7 @@ def tokenize(model, texts: Sequence[str], chat: bool = False) -> list[list[int]]
     texts = list(texts)
     if chat:
         if not getattr(tok, "chat_template", None):
-            raise ValueError(f"chat=True but the tokenizer of {getattr(model, 'castlens_name', 'this model')} "
+            raise ValueError(f"chat=True but the tokenizer of {model_name(model)} "
                              "has no chat template")
         texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                          add_generation_prompt=True) for t in texts]
@@ -124,7 +124,7 @@ def token_ids(model, prompts: Sequence[str] | Sequence[Sequence[int]], chat: boo
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right"
-              ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch"]]:
+              ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, " batch"]]:
     """Padded ids, the attention mask and the index of each row's last real token."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")

@@ -572,9 +572,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any 
     # The bridge re-creates its tokenizer with add_bos_token=True (a doubled BOS in SmolLM2 chat prompts). castlens
     # tokenizes through this one original tokenizer only and hands the bridge token ids, never strings.
     register(bridge, recorded, tok, spec)
-    # Transitional, read by nothing in castlens/: tests, notebooks and benchmarks that still read these two
-    # attributes keep working until they use tokenizer_of(model) / model_name(model). Delete after that.
-    bridge.castlens_name, bridge.castlens_tokenizer = recorded, tok
     return bridge
 
 

@@ -309,7 +309,8 @@ def prefix_option_logprobs(model: TransformerBridge, prefix_ids: Sequence[int], 
             raise ValueError(f"query {i} is empty")
         if not opts or any(not o for o in opts):
             raise ValueError(f"query {i} has no options or an option with no tokens")
-    check_lengths(model, [list(prefix_ids) + list(q) + max((list(x) for x in o), key=len) for q, o in zip(query_ids, option_ids)])
+    check_lengths(model, [list(prefix_ids) + list(q) + max((list(x) for x in o), key=len)
+                          for q, o in zip(query_ids, option_ids)])
     for s in settings:
         if s.directions is not None and not 0 <= s.layer < model.cfg.n_layers:
             raise ValueError(f"setting {s.name!r}: layer {s.layer} out of range")

@@ -231,7 +231,7 @@ def _attention_choice(model, attention: str) -> Iterator[None]:
 # ---------------------------------------------------------------- steering
 @contextlib.contextmanager
 def steering(model, vector: SteeringVector | Float[Tensor, "layer d_model"], layers: int | Sequence[int],
-             strength: float = 1.0, positions: str | Int[Tensor, "batch"] = "all",
+             strength: float = 1.0, positions: str | Int[Tensor, " batch"] = "all",
              norm_preserving: bool = False, mode: str = "add", attention: str = "auto") -> Iterator[None]:
     """Inside this context every forward pass of ``model`` is steered by ``strength * vector[L]`` at ``layers``
     (``mode="add"``), or has ``vector[L]`` patched in at the chosen positions (``mode="replace"``).
@@ -310,7 +310,7 @@ def _prompt_list(model, prompt_ids) -> list[int]:
     return ids
 
 
-def generate(model, prompt_ids: Sequence[int] | Int[Tensor, "pos"] | Int[Tensor, "1 pos"], max_new_tokens: int,
+def generate(model, prompt_ids: Sequence[int] | Int[Tensor, " pos"] | Int[Tensor, "1 pos"], max_new_tokens: int,
              vector: SteeringVector | Float[Tensor, "layer d_model"] | None = None, layers: int | Sequence[int] = 0,
              strength: float = 1.0, positions: str = "last", norm_preserving: bool = False, mode: str = "add"
              ) -> list[int]:

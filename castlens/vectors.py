@@ -31,7 +31,7 @@ from torch import Tensor
 
 from castlens import __version__
 from castlens import geometry as geo
-from castlens.activations import HOOK, last_token_resid, tokenize
+from castlens.activations import HOOK, check_lengths, last_token_resid, tokenize
 from castlens.files import atomic_write
 from castlens.models import WEIGHT_PROCESSING, model_name, tokenizer_of
 from castlens.prompts import PromptFormat, PromptPair, contrastive_pairs, default_format, few_shot_prompt, sample_demos
@@ -207,11 +207,12 @@ def task_vector(model, task: Task | str, n: int, shots: int, seed: int = 0, fmt:
         fitted = []
         for p in pairs:
             if count(p.few) > limit:
-                few, kept = fit_demonstrations(Example(p.query, ""), list(p.demos), fmt, count, limit)
+                few, kept = fit_demonstrations(Example(p.query, ""), list(p.demos), fmt, count, limit, task=task.name)
                 p = replace(p, few=few, demos=tuple(kept))
             fitted.append(p)
         pairs = fitted
     ids = tokenize(model, [p.zero for p in pairs] + [p.few for p in pairs], chat)
+    check_lengths(model, ids[len(pairs):], task=task.name, query_lengths=[len(z) for z in ids[:len(pairs)]])
     (diffs,) = contrastive_differences(model, ids[:len(pairs)], ids[len(pairs):], batch_size=batch_size, chat=chat,
                                        progress=progress)
     return SteeringVector(
