@@ -49,10 +49,11 @@ __all__ = ["TransferConfig", "run_transfer", "report", "sweep_figure", "METHODS"
            "COLUMNS"]
 
 METHODS = ("zero_shot", "icl_in_task", "icl_cross_task", *CONSTRUCTIONS)
-REFS = {"zero": "zero_shot", "cross_icl": "icl_cross_task"}
+REFS = {"zero": "zero_shot", "cross_icl": "icl_cross_task", "random": "random_vector"}
 COLUMNS = ["target", "method", "accuracy", "ci_lo", "ci_hi", "macro_f1", "delta_zero", "delta_zero_lo",
            "delta_zero_hi", "delta_zero_noise", "delta_cross_icl", "delta_cross_icl_lo", "delta_cross_icl_hi",
-           "delta_cross_icl_noise", "prompt_tokens", "layer", "strength", "n_test", "chance", "majority"]
+           "delta_cross_icl_noise", "delta_random", "delta_random_lo", "delta_random_hi", "delta_random_noise",
+           "prompt_tokens", "layer", "strength", "n_test", "chance", "majority"]
 
 
 @dataclass(frozen=True)
@@ -210,16 +211,19 @@ def _markdown(rows: Sequence[Row], cfg: TransferConfig, targets: list[str], ms: 
              f"Model {cfg.model}; {cfg.n} source samples ({cfg.select} selection), {cfg.shots} demonstrations per "
              f"ICL prompt; layer and strength chosen on {cfg.dev} dev items per target (from its train split); "
              f"accuracy in % with 95% bootstrap intervals over test items ({cfg.n_boot} draws). Delta columns: "
-             "paired difference in points; `~` marks an interval that contains 0 (inside the noise).", "",
-             "| target | method | accuracy | macro-F1 | vs zero-shot | vs cross-task ICL | layer x strength | "
-             "prompt tokens/query |", "|---|---|---|---|---|---|---|---|"]
+             "paired difference in points; `~` marks an interval that contains 0 (inside the noise). \"vs random "
+             "vector\": against the norm-matched random vector tuned by the same dev sweep, the control a steering "
+             "gain must beat (a model that answers one label to everything rewards any push off it).", "",
+             "| target | method | accuracy | macro-F1 | vs zero-shot | vs cross-task ICL | vs random vector | "
+             "layer x strength | prompt tokens/query |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r.setting
         setting = f"{s.layer} x {s.strength:g}" if s is not None and s.layer is not None else ""
         lines.append(f"| {r.target} | {r.method} | {100 * r.accuracy:.1f} [{100 * r.ci_lo:.1f}, {100 * r.ci_hi:.1f}] "
                      f"| {'n/a' if r.macro_f1 is None else f'{100 * r.macro_f1:.1f}'} | "
                      f"{fmt_interval(r.deltas.get('zero'))} | "
-                     f"{fmt_interval(r.deltas.get('cross_icl'))} | {setting} | {r.prompt_tokens:.0f} |")
+                     f"{fmt_interval(r.deltas.get('cross_icl'))} | {fmt_interval(r.deltas.get('random'))} | {setting} | "
+                     f"{r.prompt_tokens:.0f} |")
     lines += ["", "Chance and majority-class accuracy per target: " + "; ".join(
         f"{r.target} {100 * r.chance:.0f}% / {100 * r.majority:.0f}%" for r in rows
         if r.method == "zero_shot" and r.chance is not None and r.majority is not None) + "."]
