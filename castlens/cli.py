@@ -110,7 +110,7 @@ def _transfer(a: argparse.Namespace, sources: Sequence[str], targets: Sequence[s
 
 def cmd_transfer(a: argparse.Namespace) -> int:
     _transfer(a, a.sources, a.targets, Path(a.out), dev=a.dev, limit=a.limit, layers=a.layers, strengths=a.strengths,
-              select=a.select, n_boot=a.n_boot, pool=a.pool, embedder=a.embedder)
+              select=a.select, n_boot=a.n_boot, pool=a.pool, embedder=a.embedder, n_random=a.n_random)
     return 0
 
 
@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         "batch_size")
     tr.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0), help="strengths to sweep")
     tr.add_argument("--n", type=int, default=32, help="source samples behind every vector")
+    tr.add_argument("--n-random", type=int, default=1, help="norm-matched random control vectors, each tuned by the "
+                    "same sweep (their mean, spread and CAST's rank among them are reported when > 1)")
     tr.add_argument("--select", default="random", choices=list(SELECTION_METHODS),
                     help="source-sample selection: random (shared by all targets) or a graph search per target")
 

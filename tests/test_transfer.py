@@ -187,3 +187,41 @@ def test_sample_diffs_refuses_samples_of_other_tasks_before_running(tiny):
         sample_diffs(tiny, [up], [("uppercase", up.train[5]), ("plural", plural.train[0])], shots=2)
     with pytest.raises(TaskError, match="no source samples"):
         sample_diffs(tiny, [up], [], shots=2)
+
+
+def test_calibrated_zero_shot_divides_out_the_content_free_prior(tiny):
+    """Contextual calibration against a manual computation: each prompt scored alone in full."""
+    import torch
+
+    from castlens.evaluation import option_logprobs
+    from castlens.experiments.protocol import CONTENT_FREE, ProtocolConfig, calibrated_zero_shot, prepare
+    from castlens.tasks import Example
+    from castlens.vectors import text_ids
+
+    target = prepare(tiny, load_task("sst2"), ProtocolConfig(dev=4, limit=10))
+    got = calibrated_zero_shot(tiny, target)["calibrated_zero_shot"]
+    labels = list(target.task.labels)
+
+    def scores(examples):
+        ids = [target.zero_prefix + text_ids(tiny, target.fmt.render(e, False)) for e in examples]
+        return option_logprobs(tiny, ids, [[target.fmt.verbalize(x) for x in labels]] * len(ids), batch_size=1)
+
+    prior = torch.softmax(scores([Example(x, labels[0]) for x in CONTENT_FREE]), -1).mean(0)
+    manual = (torch.log_softmax(scores(target.test.examples), -1) - prior.log()).argmax(-1).tolist()
+    assert got.pred == manual
+    assert calibrated_zero_shot(tiny, prepare(tiny, load_task("plural"), ProtocolConfig(limit=3))) == {}
+
+
+def test_random_controls_as_a_distribution(tmp_path, tiny):
+    cfg, rows, out = _run(tmp_path, tiny, "r", n_random=3)
+    part = json.loads((out / "parts" / "plural.part.json").read_text())
+    draws = ["random_vector", "random_vector_1", "random_vector_2"]
+    assert set(draws) <= set(part["methods"]) and set(draws) <= set(part["chosen"])
+    md = (out / "results.md").read_text()
+    assert "Random controls as a distribution: 3 norm-matched random vectors" in md
+    acc = [np.mean(part["methods"][d]["correct"]) for d in draws]
+    cast = np.mean(part["methods"]["cast_mean_diff"]["correct"])
+    rank = 1 + sum(a > cast for a in acc)
+    row = next(line for line in md.splitlines() if line.startswith("| plural | ") and " of 4 |" in line)
+    assert row.split("|")[5].strip() == f"{rank} of 4"
+    assert f"{100 * np.mean(acc):.1f}" == row.split("|")[2].strip()

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ProtocolConfig", "Candidate", "Items", "Prepared", "prepare", "tune_and_test", "prompted", "grid",
            "default_layers", "split_dev", "options_for", "encode", "borrowed_settings", "check_config",
-           "by_accuracy", "Pick", "test_items", "input_digests", "check_layers", "open_run"]
+           "by_accuracy", "Pick", "test_items", "input_digests", "check_layers", "open_run",
+           "calibrated_zero_shot", "CONTENT_FREE"]
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,32 @@ def in_task_icl(model: TransformerBridge, target: Prepared, batch_size: int = 16
                          task=target.task.name)
     prefix = prefix_ids(model, [target.fmt.instruction, *(target.block(d) for d in demos)], target.fmt)
     return {"icl_in_task": prompted(model, prefix, target.test, batch_size)}
+
+
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+def calibrated_zero_shot(model: TransformerBridge, target: Prepared, batch_size: int = 16
+                         ) -> dict[str, MethodResult]:
+    """Contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): the label prior the model gives to
+    content-free inputs, divided out of every zero-shot prediction, with no vector::
+
+        p_cf = mean over x in {"N/A", "", "[MASK]"} of softmax_y score(y | x)
+        y_hat(x) = argmax_y  log softmax_y score(y | x) - log p_cf(y)
+
+    It fixes a label bias (a model that answers one label to everything) without steering, so a steering gain
+    must beat it too. Classification targets only (a generation target's options differ per item)."""
+    if target.task.kind != "classification" or not target.task.labels:
+        return {}
+    t = target.test
+    t0 = time.perf_counter()
+    cf = encode(model, target.task, target.fmt, [Example(x, target.task.labels[0]) for x in CONTENT_FREE],
+                seed=target.seed)
+    prior = prefix_option_logprobs(model, target.zero_prefix, cf.queries, cf.options, batch_size=batch_size)[0]
+    log_prior = torch.log_softmax(prior, -1).exp().mean(0).log()
+    scores = prefix_option_logprobs(model, target.zero_prefix, t.queries, t.options, batch_size=batch_size)[0]
+    return {"calibrated_zero_shot": method_result(torch.log_softmax(scores, -1) - log_prior, t,
+                                                  len(target.zero_prefix) + t.query_tokens, time.perf_counter() - t0)}
 
 
 def input_digests(model: TransformerBridge, tasks: Sequence[Task]) -> dict[str, str]:

@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from castlens.experiments.protocol import (ProtocolConfig, check_config, default_layers, grid, in_task_icl, open_run,
-                                           prepare, prompted, split_dev, tune_and_test)
+import numpy as np
+
+from castlens.experiments.protocol import (ProtocolConfig, calibrated_zero_shot, check_config, default_layers, grid,
+                                           in_task_icl, open_run, prepare, prompted, split_dev, tune_and_test)
 from castlens.experiments.results import Row, TargetResult, fmt_interval, summarize, to_csv
 from castlens.experiments.run import Run
 from castlens.experiments.sources import (CONSTRUCTIONS, EMBEDDERS, MODES, SourceRecord, candidate_pool, embed_texts,
@@ -40,7 +42,7 @@ from castlens.files import atomic_write
 from castlens.prompts import default_format
 from castlens.selection import SELECTION_METHODS, select_indices
 from castlens.tasks import Task
-from castlens.vectors import SteeringVector, load_vectors, prefix_ids, save_vectors
+from castlens.vectors import SteeringVector, load_vectors, prefix_ids, random_like, save_vectors
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["TransferConfig", "run_transfer", "report", "sweep_figure", "METHODS", "REFS", "MODES", "CONSTRUCTIONS",
            "COLUMNS"]
 
-METHODS = ("zero_shot", "icl_in_task", "icl_cross_task", *CONSTRUCTIONS)
+METHODS = ("zero_shot", "calibrated_zero_shot", "icl_in_task", "icl_cross_task", *CONSTRUCTIONS)
 REFS = {"zero": "zero_shot", "cross_icl": "icl_cross_task", "random": "random_vector"}
 COLUMNS = ["target", "method", "accuracy", "ci_lo", "ci_hi", "macro_f1", "delta_zero", "delta_zero_lo",
            "delta_zero_hi", "delta_zero_noise", "delta_cross_icl", "delta_cross_icl_lo", "delta_cross_icl_hi",
@@ -70,6 +72,7 @@ class TransferConfig(ProtocolConfig):
     pool: int = 200                   # candidates per source task for the graph-based selection methods
     embedder: str = "model"           # embeddings for the graph search: EMBEDDERS
     n_boot: int = 1000
+    n_random: int = 1                 # norm-matched random controls, each its own seed, each through the sweep
 
     def __post_init__(self) -> None:
         if self.select not in SELECTION_METHODS:
@@ -142,9 +145,13 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
             model, cfg, list(sources.values()), run, f"vectors/{name}.safetensors", f"vectors/{name}.sources.json",
             _selected(model, cfg, list(sources.values()), t, run, batch_size))
         target = prepare(model, t, cfg)
-        cands = grid({c: vectors[c].directions for c in CONSTRUCTIONS}, layers, cfg.strengths, MODES)
+        directions = {c: vectors[c].directions for c in CONSTRUCTIONS}
+        mean = vectors["cast_mean_diff"].directions
+        directions.update({r: random_like(mean, cfg.seed + 1000 * k) for k, r in enumerate(random_draws(cfg), 1)})
+        cands = grid(directions, layers, cfg.strengths, MODES)
         part = tune_and_test(model, target, cands, donors=done, batch_size=batch_size, log=log)
-        part = part.with_methods({**in_task_icl(model, target, batch_size),
+        part = part.with_methods({**calibrated_zero_shot(model, target, batch_size),
+                                  **in_task_icl(model, target, batch_size),
                                   **cross_task_icl(model, cfg, target, record, sources, batch_size)})
         log(f"  zero-shot {100 * part.methods['zero_shot'].accuracy:.1f}%, "
             f"CAST {100 * part.methods['cast_mean_diff'].accuracy:.1f}%")
@@ -158,15 +165,41 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
     return report(run, cfg, [parts[t] for t in targets], records)
 
 
+def random_draws(cfg: TransferConfig) -> list[str]:
+    """Names of the random controls beyond ``random_vector`` (``random_vector_1`` ...), ``n_random - 1`` of them."""
+    return [f"random_vector_{k}" for k in range(1, cfg.n_random)]
+
+
+def random_table(parts: Sequence[TargetResult], cfg: TransferConfig) -> list[str]:
+    """Markdown: per target, the random controls as a distribution (mean, standard deviation, range of test
+    accuracy over ``n_random`` draws, each tuned by the same sweep) and the rank of each CAST construction among
+    them (1 = above every draw). Empty with a single draw."""
+    names = ["random_vector", *random_draws(cfg)]
+    if len(names) < 2:
+        return []
+    lines = ["", f"Random controls as a distribution: {len(names)} norm-matched random vectors, each tuned by the "
+             "same dev sweep; test accuracy in %, and the rank of each construction among the draws "
+             f"(1 = above all {len(names)}).", "",
+             "| target | random mean | sd | min - max | cast_mean_diff rank | icv_pc1 rank |",
+             "|---|---|---|---|---|---|"]
+    for p in parts:
+        acc = np.array([p.methods[n].accuracy for n in names if n in p.methods])
+        ranks = [1 + int((acc > p.methods[c].accuracy).sum()) for c in ("cast_mean_diff", "icv_pc1")]
+        lines.append(f"| {p.target} | {100 * acc.mean():.1f} | {100 * acc.std(ddof=1):.1f} | {100 * acc.min():.1f} - "
+                     f"{100 * acc.max():.1f} | {ranks[0]} of {len(acc) + 1} | {ranks[1]} of {len(acc) + 1} |")
+    return lines
+
+
 def report(run: Run, cfg: TransferConfig, parts: Sequence[TargetResult], records: Sequence[SourceRecord]
            ) -> list[Row]:
     """``results.csv``, ``results.md``, ``costs.csv`` and the figures, from the finished parts alone."""
     from castlens import plots
 
-    rows = summarize(parts, METHODS, REFS, cfg.n_boot, cfg.seed)
+    rows = summarize(parts, [*METHODS, *random_draws(cfg)], REFS, cfg.n_boot, cfg.seed)
     ms = {(p.target, m): 1000 * r.seconds / p.n_test for p in parts for m, r in p.methods.items()}
     run.write("results.csv", to_csv(rows, COLUMNS))
-    run.write("results.md", _markdown(rows, cfg, [p.target for p in parts], ms, records))
+    run.write("results.md", _markdown(rows, cfg, [p.target for p in parts], ms, records)
+              + "".join(line + "\n" for line in random_table(parts, cfg)))
     run.write("costs.csv", "\n".join(["target,method,prompt_tokens_per_query,ms_per_query"] + [
         f"{p.target},{m},{r.prompt_tokens:.1f},{ms[(p.target, m)]:.2f}" for p in parts
         for m, r in p.methods.items()]) + "\n")
@@ -222,8 +255,8 @@ def _markdown(rows: Sequence[Row], cfg: TransferConfig, targets: list[str], ms: 
         lines.append(f"| {r.target} | {r.method} | {100 * r.accuracy:.1f} [{100 * r.ci_lo:.1f}, {100 * r.ci_hi:.1f}] "
                      f"| {'n/a' if r.macro_f1 is None else f'{100 * r.macro_f1:.1f}'} | "
                      f"{fmt_interval(r.deltas.get('zero'))} | "
-                     f"{fmt_interval(r.deltas.get('cross_icl'))} | {fmt_interval(r.deltas.get('random'))} | {setting} | "
-                     f"{r.prompt_tokens:.0f} |")
+                     f"{fmt_interval(r.deltas.get('cross_icl'))} | {fmt_interval(r.deltas.get('random'))} | "
+                     f"{setting} | {r.prompt_tokens:.0f} |")
     lines += ["", "Chance and majority-class accuracy per target: " + "; ".join(
         f"{r.target} {100 * r.chance:.0f}% / {100 * r.majority:.0f}%" for r in rows
         if r.method == "zero_shot" and r.chance is not None and r.majority is not None) + "."]
@@ -237,7 +270,9 @@ def _markdown(rows: Sequence[Row], cfg: TransferConfig, targets: list[str], ms: 
         f"{sum(r.seconds for r in records):.0f}s. Wall time per test query, in ms (with castlens' prefix and body "
         "reuse; see costs.csv):", ""]
     lines += ["| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
-    for m in METHODS:
+    for m in [*METHODS, *random_draws(cfg)]:
         vals = [ms.get((t, m)) for t in targets]
+        if all(v is None for v in vals):
+            continue
         lines.append(f"| {m} | " + " | ".join("" if v is None else f"{v:.1f}" for v in vals) + " |")
     return "\n".join(lines) + "\n"
