@@ -70,6 +70,8 @@ TRANSFER := $(VENV)/bin/castlens transfer --n 64 --shots 4 --dev 64 --batch-size
 transfer-figures: $(STAMP)
 	$(TRANSFER) --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --out figures/transfer_cross_domain
 	$(TRANSFER) --sources mnli,xnli_en,pawsx_en,sst2 --targets xnli_zh,xnli_fr,xnli_de,pawsx_zh,pawsx_de,marc_zh,eprstmt_zh --out figures/transfer_cross_lingual
+	# The stricter protocol (issue #15): ten random controls, each tuned by the same sweep, and contextual calibration
+	$(TRANSFER) --n-random 10 --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --out figures/transfer_controls
 
 # Source-sample selection (CAST Sec. 3.2): random / relevance / diversity / cast selection at 32 samples on the 5 CAST
 # targets, and accuracy against 4..128 samples for CAST vectors and for cross-task ICL with the same samples; then
