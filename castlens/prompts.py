@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from castlens.tasks import Example, Task, TaskError
@@ -67,11 +68,19 @@ def few_shot_prompt(query: Example, demos: list[Example], fmt: PromptFormat) -> 
     return _join(fmt, [fmt.instruction, *(fmt.render(d, True) for d in demos), fmt.render(query, False)])
 
 
+def cross_task_blocks(demos: Sequence[tuple[Example, PromptFormat]], target_fmt: PromptFormat) -> list[str | None]:
+    """The blocks before a cross-task query (Chatterjee et al. 2024): each source demonstration rendered with
+    its answer in its own task's format, then the target's instruction. Joined by the target's separator and
+    followed by the query they make the cross-task ICL prompt; castlens' runners hand them, as a shared prefix,
+    to :func:`castlens.vectors.prefix_ids`."""
+    return [*(fmt.render(d, True) for d, fmt in demos), target_fmt.instruction]
+
+
 def cross_task_prompt(query: Example, demos: list[Example], source_fmt: PromptFormat,
                       target_fmt: PromptFormat) -> str:
-    """Source-task demonstrations, then the target instruction and query (cross-task ICL)."""
-    return _join(target_fmt, [source_fmt.instruction, *(source_fmt.render(d, True) for d in demos),
-                              target_fmt.instruction, target_fmt.render(query, False)])
+    """One source task's instruction and demonstrations, then the target instruction and query."""
+    return _join(target_fmt, [source_fmt.instruction, *cross_task_blocks([(d, source_fmt) for d in demos],
+                                                                         target_fmt), target_fmt.render(query, False)])
 
 
 def fit_demonstrations(query: Example, demos: list[Example], fmt: PromptFormat, n_tokens, limit: int,

@@ -7,7 +7,10 @@ of the pool) and *diverse*. Every selection method has one signature::
     select(tasks, n, seed, exclude) -> [(task name, Example), ...]       # n samples, deterministic for a seed
 
 ``random`` spreads ``n`` over the source tasks as evenly as possible (round-robin over a seeded shuffle of each
-task's train split). Knows no model.
+task's train split): the draw a transfer run with ``select="random"`` uses. Knows no model. (In
+:func:`select_indices`, ``random`` ranks a given candidate pool in a seeded random order instead: the baseline
+the graph searches are compared with at equal n. The two draw from different sets, the whole train splits and
+the pool, and each name is kept because committed run configs record it.)
 
 The graph search works on embeddings (any ``[n, d]`` array; the caller computes them), in
 :func:`select_indices`. Candidates and target queries are first centred on the candidates' mean (language-model

@@ -39,7 +39,7 @@ from castlens.experiments.run import Run
 from castlens.experiments.sources import EMBEDDERS, Sample, candidate_pool, embed_texts, sample_diffs
 from castlens.files import atomic_write
 from castlens.models import context_length
-from castlens.prompts import default_format
+from castlens.prompts import cross_task_blocks, default_format
 from castlens.selection import SELECTION_METHODS, select_indices
 from castlens.tasks import Task, TaskError
 from castlens.vectors import prefix_ids, text_ids
@@ -115,13 +115,14 @@ def _icl_curve(model: TransformerBridge, cfg: StudyConfig, target, ranking: list
     """Cross-task ICL with the first n cast-selected samples as demonstrations, as many as fit, for each n."""
     test = target.test.subset(items)
     room = max(len(a) + max(map(len, b)) for a, b in zip(test.queries, test.options))
-    rendered = [default_format(sources[pool[i][0]]).render(pool[i][1], True) for i in ranking[:max(cfg.ns)]]
+    demos = [(pool[i][1], default_format(sources[pool[i][0]])) for i in ranking[:max(cfg.ns)]]
+    rendered = cross_task_blocks(demos, target.fmt)[:-1]  # the demonstrations; the instruction follows them
     blocks = [text_ids(model, b + target.fmt.separator) for b in rendered]
     icl, done = {}, {}
     for n in sorted(cfg.ns):
         k = fit_demos(model, blocks[:n], target.zero_prefix, room)  # zero_prefix: the instruction after the demos
         while True:  # the block-wise count can be off by a merged token at a boundary: never overflow
-            prefix = prefix_ids(model, [*rendered[:k], target.fmt.instruction], target.fmt)
+            prefix = prefix_ids(model, cross_task_blocks(demos[:k], target.fmt), target.fmt)
             if len(prefix) + room <= context_length(model) or k == 0:
                 break
             k -= 1

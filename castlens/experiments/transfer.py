@@ -39,7 +39,7 @@ from castlens.experiments.run import Run
 from castlens.experiments.sources import (CONSTRUCTIONS, EMBEDDERS, MODES, SourceRecord, candidate_pool, embed_texts,
                                           random_samples, source_vectors)
 from castlens.files import atomic_write
-from castlens.prompts import default_format
+from castlens.prompts import cross_task_blocks, default_format
 from castlens.selection import SELECTION_METHODS, select_indices
 from castlens.tasks import Task
 from castlens.vectors import SteeringVector, load_vectors, prefix_ids, random_like, save_vectors
@@ -124,9 +124,8 @@ def cross_task_icl(model: TransformerBridge, cfg: TransferConfig, target, record
     the target instruction and query."""
     rng = random.Random(f"{cfg.seed}:cross-demos:{target.task.name}")
     picked = rng.sample(range(len(record.samples)), min(cfg.shots, len(record.samples)))
-    blocks = [default_format(sources[t]).render(sources[t].train[i], True)
-              for t, i in (record.samples[j] for j in picked)]
-    prefix = prefix_ids(model, [*blocks, target.fmt.instruction], target.fmt)
+    demos = [(sources[t].train[i], default_format(sources[t])) for t, i in (record.samples[j] for j in picked)]
+    prefix = prefix_ids(model, cross_task_blocks(demos, target.fmt), target.fmt)
     return {"icl_cross_task": prompted(model, prefix, target.test, batch_size)}
 
 
