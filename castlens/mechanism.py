@@ -37,21 +37,22 @@ def component_contributions(model, prompts: Sequence[str] | Sequence[Sequence[in
         raise NotImplementedError("post-attention norms (Gemma 3) are not supported yet")
     cfg = model.cfg
     labels = ["embed"]
-    for l in range(layer + 1):
-        labels += [f"L{l}H{h}" for h in range(cfg.n_heads)] + [f"L{l} attn bias", f"L{l} mlp"]
+    for li in range(layer + 1):
+        labels += [f"L{li}H{h}" for h in range(cfg.n_heads)] + [f"L{li} attn bias", f"L{li} mlp"]
     rows = []
     for ids in token_ids(model, prompts):
-        names = ["hook_embed"] + [f"blocks.{l}.{k}" for l in range(layer + 1) for k in ("attn.hook_z", "hook_mlp_out")]
+        names = ["hook_embed"] + [f"blocks.{li}.{k}" for li in range(layer + 1)
+                                  for k in ("attn.hook_z", "hook_mlp_out")]
         with torch.no_grad():
             _, cache = model.run_with_cache(torch.tensor([list(ids)]), names_filter=lambda n: n in names)
         parts = [cache["hook_embed"][0, -1]]
-        for l in range(layer + 1):
-            attn = model.blocks[l].attn
-            z = cache[f"blocks.{l}.attn.hook_z"][0, -1]  # [head, d_head]
+        for li in range(layer + 1):
+            attn = model.blocks[li].attn
+            z = cache[f"blocks.{li}.attn.hook_z"][0, -1]  # [head, d_head]
             parts += list(torch.einsum("hd,hdm->hm", z, attn.W_O))
             b = getattr(attn, "b_O", None)
             parts.append(b if b is not None else torch.zeros_like(parts[0]))
-            parts.append(cache[f"blocks.{l}.hook_mlp_out"][0, -1])
+            parts.append(cache[f"blocks.{li}.hook_mlp_out"][0, -1])
         rows.append(torch.stack([p.to(parts[0].dtype) for p in parts]))
     return Contributions(tuple(labels), torch.stack(rows))
 
