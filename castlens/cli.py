@@ -163,18 +163,9 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from castlens.export import export_gguf, llama_cpp_layers
-    from castlens.vectors import load_vectors
+    from castlens.export import export_file
 
-    vectors = load_vectors(a.vectors)
-    if a.vector is None and len(vectors) > 1:
-        raise ValueError(f"{a.vectors} holds {len(vectors)} vectors ({', '.join(vectors)}); choose one with --vector")
-    key = a.vector or next(iter(vectors))
-    if key not in vectors:
-        raise ValueError(f"{a.vectors} has no vector {key!r} (it has: {', '.join(vectors)})")
-    v = vectors[key]
-    path = export_gguf(v, a.out, layers=a.layers, strength=a.strength, model_hint=a.model_hint)
-    blocks = list(a.layers) if a.layers else llama_cpp_layers(v.n_layers)
+    path, key, blocks = export_file(a.vectors, a.out, a.vector, a.layers, a.strength, a.model_hint)
     print(f"wrote {path}: vector {key!r} as a llama.cpp control vector, blocks {blocks}, strength {a.strength:g} "
           f"(llama-cli -m MODEL.gguf --control-vector {path})")
     return 0

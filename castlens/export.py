@@ -92,6 +92,7 @@ if TYPE_CHECKING:  # optional packages, for type checkers only
     import steering_vectors
 
 __all__ = [
+    "export_file",
     "ARCH",
     "ControlVectorFileError",
     "export_gguf",
@@ -186,6 +187,23 @@ def export_gguf(vector: SteeringVector, path: str | os.PathLike, layers: int | S
         "castlens.layer_convention": LAYER_CONVENTION,
     }
     return _write_gguf_atomic(Path(path), tensors, meta)
+
+
+def export_file(vectors: str | os.PathLike, out: str | os.PathLike, vector: str | None = None,
+                layers: Sequence[int] | None = None, strength: float = 1.0, model_hint: str | None = None
+                ) -> tuple[Path, str, list[int]]:
+    """:func:`export_gguf` of one vector of a castlens vector file (``vector``: its key; may be left out when the
+    file holds one). Returns the written path, the key and the llama.cpp blocks written."""
+    from castlens.vectors import load_vectors
+
+    found = load_vectors(vectors)
+    if vector is None and len(found) > 1:
+        raise ValueError(f"{vectors} holds {len(found)} vectors ({', '.join(found)}); choose one with --vector")
+    key = vector or next(iter(found))
+    if key not in found:
+        raise ValueError(f"{vectors} has no vector {key!r} (it has: {', '.join(found)})")
+    path = export_gguf(found[key], out, layers=layers, strength=strength, model_hint=model_hint)
+    return path, key, list(layers) if layers else llama_cpp_layers(found[key].n_layers)
 
 
 def _add_metadata(writer: Any, key: str, value: MetaValue) -> None:

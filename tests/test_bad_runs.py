@@ -127,3 +127,16 @@ def test_tasks_lists_kind_labels_and_split_sizes(capsys):
     fpb = load_task("financial_phrasebank")
     assert lines["financial_phrasebank"][1:5] == ["classification", "3", str(len(fpb.train)), str(len(fpb.test))]
     assert lines["plural"][1] == "generation"
+
+
+def test_export_command_writes_a_control_vector_and_names_an_ambiguous_file(tmp_path, capsys):
+    import gguf
+
+    vec = tmp_path / "v.safetensors"
+    assert main(["vectors", "--model", "tiny-llama", "--tasks", "add,antonym", "--n", "2", "--shots", "1",
+                 "--out", str(vec)]) == 0
+    assert main(["export", str(vec), "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "choose one with --vector" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+    assert main(["export", str(vec), "--vector", "antonym", "--layers", "2", "--out", str(tmp_path / "a.gguf")]) == 0
+    names = [t.name for t in gguf.GGUFReader(str(tmp_path / "a.gguf")).tensors]
+    assert names == ["direction.2"]
