@@ -24,12 +24,24 @@ $(STAMP): requirements.txt pyproject.toml
 	# Peers for the export round trips and benchmarks/peers.py (their declared pins are older than ours; both work).
 	$(PIP) --no-deps steering-vectors==0.12.2 repeng==0.4.0
 	$(PIP) --no-deps -e .
+	# PNG figures need a Chromium binary (kaleido finds /usr/bin/chromium): installed where we are root and apt works;
+	# elsewhere runs write HTML figures and print a one-line note on how to get PNGs.
+	command -v chromium >/dev/null || ([ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq \
+		&& apt-get install -y -qq chromium) || true
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/castlens demo --out outputs/demo
+
+# Execute every notebook in place (from notebooks/) and store its outputs, plotly figures as static PNG images
+# (PLOTLY_RENDERER=png, no plotly.js) so a code host shows them. The suite executes fresh copies, never these outputs.
+.PHONY: notebooks
+notebooks: $(STAMP)
+	$(PY) -c "import sys; from castlens import plots; plots.png_export_available() or sys.exit(plots.PNG_EXPORT_FIX)"
+	cd notebooks && for nb in *.ipynb; do echo "executing $$nb"; \
+		PLOTLY_RENDERER=png ../$(VENV)/bin/jupyter-execute --inplace --timeout=1800 $$nb || exit 1; done
 
 # ruff and mypy (configured in pyproject.toml) first: the suite runs only on lint-clean code.
 lint: $(STAMP)

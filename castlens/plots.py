@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
+from plotly.subplots import make_subplots
 
 from castlens.files import atomic_write
 
@@ -32,6 +33,7 @@ __all__ = [
     "pca_scatter",
     "explained_variance_by_layer",
     "accuracy_sweep",
+    "sweep_heatmaps",
     "save_figure",
     "PNG_EXPORT_FIX",
 ]
@@ -357,6 +359,104 @@ def accuracy_sweep(
                                  line=dict(color=greys[i % len(greys)], dash="dash", width=2),
                                  hovertemplate=f"{name}: {v:.3g}<extra></extra>"))
     return _finish(fig, title, caption, xaxis_title, yaxis_title)
+
+
+def _row_label(key: float | str) -> str:
+    """A sweep row's label: ``x2`` for the strength 2.0, a string key (e.g. ``patch``) as it is."""
+    return key if isinstance(key, str) else f"x{float(key):g}"
+
+
+def _sweep_rows(name: str, grid: Mapping[Any, Sequence[float]], n_layers: int) -> tuple[list[Any], np.ndarray]:
+    """One construction's grid as its row keys (numeric strengths ascending, then string keys) and its
+    ``[row, layer]`` values."""
+    if not grid:
+        raise ValueError(f"grids[{name!r}]: expected at least one row {{strength: values per layer}}, got none")
+    keys = sorted((k for k in grid if not isinstance(k, str)), key=float) + [k for k in grid if isinstance(k, str)]
+    z = np.stack([_arr(grid[k], f"grids[{name!r}][{k!r}]", 1) for k in keys])
+    if z.shape[1] != n_layers:
+        raise ValueError(f"grids[{name!r}]: expected {n_layers} values per row (one per layer), got {z.shape[1]}")
+    return keys, z
+
+
+def _colour_range(values: Sequence[np.ndarray], mid: float | None) -> tuple[float, float]:
+    """(cmin, cmax): the finite values' range over every grid, widened to include ``mid`` when given."""
+    flat = np.concatenate([v.ravel() for v in values] + ([np.array([mid])] if mid is not None else []))
+    flat = flat[np.isfinite(flat)]
+    if not flat.size:
+        return 0.0, 1.0
+    lo, hi = float(flat.min()), float(flat.max())
+    return (lo, hi) if hi > lo else (lo - 0.05, hi + 0.05)
+
+
+def _diverging_at(mid: float, cmin: float, cmax: float) -> list[list[Any]]:
+    """A blue-white-red colour scale over [cmin, cmax] with white at ``mid`` (only one side where ``mid`` is an end)."""
+    f = min(max((mid - cmin) / (cmax - cmin), 0.0), 1.0)
+    below = [[0.0, "#2166ac"], [f / 2, "#92c5de"]] if f > 0 else []
+    above = [[f + (1 - f) / 2, "#f4a582"], [1.0, "#b2182b"]] if f < 1 else []
+    return [*below, [f, "#f7f7f7"], *above]
+
+
+def _outline_cell(fig: go.Figure, name: str, col: int, row: int, subplot: int) -> None:
+    """Outline the heatmap cell at category indices (``col``, ``row``) of the ``subplot``-th stacked subplot."""
+    fig.add_shape(type="rect", name=name, x0=col - 0.5, x1=col + 0.5, y0=row - 0.5, y1=row + 0.5,
+                  line=dict(color="black", width=3), row=subplot, col=1)
+
+
+def sweep_heatmaps(
+    layers: Sequence[int] | np.ndarray,
+    grids: Mapping[str, Mapping[float | str, Sequence[float]]],
+    chosen: Mapping[str, tuple[int, float | str]] | None = None,
+    title: str = "Dev accuracy by layer and strength",
+    caption: str = "",
+    baselines: Mapping[str, float] | None = None,
+    colorbar_title: str = "dev accuracy",
+) -> go.Figure:
+    """A layer x strength sweep as one heatmap per construction, stacked over a shared layer axis.
+
+    ``grids``: {construction: {strength: [value per layer]}}; a numeric strength is labelled ``x<strength>``
+    (rows ascending), a string key (e.g. ``"patch"`` for a vector patched in at one strength) as it is, so a
+    construction with one row is a one-row heatmap. ``chosen``: {construction: (layer, strength key)}, drawn as
+    an outlined cell (a layout shape named ``chosen <construction>``). All heatmaps share one colour scale
+    (``layout.coloraxis``, the values' range); with ``baselines`` (e.g. zero-shot dev accuracy and chance,
+    listed in the colour bar's title) it is white at the first one: red cells beat it, blue cells fall below it.
+    NaN cells (settings not swept) stay blank. A last caption line says how to read the figure. Traces: one
+    ``go.Heatmap`` per construction, in ``grids`` order.
+    """
+    x = [str(int(v)) for v in _arr(layers, "layers", 1)]
+    if not grids:
+        raise ValueError("grids: expected at least one construction {name: {strength: values}}, got none")
+    rows = {name: _sweep_rows(name, g, len(x)) for name, g in grids.items()}
+    for name, (layer, key) in (chosen or {}).items():
+        if name not in rows or str(layer) not in x or key not in rows[name][0]:
+            raise ValueError(f"chosen[{name!r}]: ({layer!r}, {key!r}) is not a cell of grids[{name!r}]")
+    base = {str(k): float(v) for k, v in (baselines or {}).items()}
+    mid = next(iter(base.values()), None)
+    cmin, cmax = _colour_range([z for _, z in rows.values()], mid)
+    n_rows = sum(len(keys) for keys, _ in rows.values())
+    inner = 36 * n_rows + 56 * len(rows)  # plot area in px: the cells and a subplot title above each heatmap
+    fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=44 / inner,
+                        row_heights=[len(keys) / n_rows for keys, _ in rows.values()], subplot_titles=list(rows))
+    for i, (name, (keys, z)) in enumerate(rows.items(), start=1):
+        labels = [_row_label(k) for k in keys]
+        fig.add_trace(go.Heatmap(z=z, x=x, y=labels, coloraxis="coloraxis", name=name, text=z,
+                                 texttemplate="%{text:.2f}", textfont=dict(size=10), xgap=1, ygap=1,
+                                 hovertemplate=f"{name}<br>layer %{{x}}, %{{y}}: %{{z:.3f}}<extra></extra>"),
+                      row=i, col=1)
+        fig.update_yaxes(type="category", categoryorder="array", categoryarray=labels, row=i, col=1)
+        if name in (chosen or {}):
+            layer, key = (chosen or {})[name]
+            _outline_cell(fig, f"chosen {name}", x.index(str(layer)), keys.index(key), i)
+    note = "<br>".join(f"{k} {v:.2f}" for k, v in base.items())
+    scale = _diverging_at(mid, cmin, cmax) if mid is not None else "Viridis"
+    fig.update_layout(coloraxis=dict(cmin=cmin, cmax=cmax, colorscale=scale,
+                                     colorbar=dict(title=dict(text=colorbar_title + (f"<br>{note}" if note else "")),
+                                                   len=1.0, y=0.5, yanchor="middle")))
+    fig.update_xaxes(type="category")
+    how = "Rows: steering strength" + ("; outlined cell: the setting chosen on dev" if chosen else "") + (
+        f"; white: {next(iter(base))}" if base else "") + "."
+    fig = _finish(fig, title, f"{caption}\n{how}" if caption else how, "", "", width=960, height=inner + 150)
+    fig.update_xaxes(title_text="layer", row=len(rows), col=1)
+    return fig
 
 
 def cost_accuracy(

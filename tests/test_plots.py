@@ -148,6 +148,70 @@ def test_accuracy_sweep_with_baselines():
     assert len(P.accuracy_sweep(LAYERS, curves, title="t", caption="c").data) == 2
 
 
+def _hand_grid():
+    """Two strengths x 3 layers for one added construction, one row for a patched one; NaN: a setting not swept."""
+    return {"cast_mean_diff": {2.0: [0.30, 0.50, 0.40], 0.5: [0.20, 0.25, float("nan")]},
+            "task_vector": {"patch": [0.10, 0.20, 0.15]}}
+
+
+def test_sweep_heatmaps_grid_chosen_cells_and_shared_scale():
+    fig = P.sweep_heatmaps([3, 6, 9], _hand_grid(), {"cast_mean_diff": (6, 2.0), "task_vector": (9, "patch")},
+                           title="Sweep", caption="Dev sweep.", baselines={"zero-shot (dev)": 0.25, "chance": 0.2})
+    cast, patch = fig.data
+    assert isinstance(cast, go.Heatmap) and isinstance(patch, go.Heatmap)
+    assert list(cast.x) == ["3", "6", "9"] and list(cast.y) == ["x0.5", "x2"]  # strengths ascending, bottom up
+    np.testing.assert_allclose(np.asarray(cast.z, dtype=float), [[0.20, 0.25, np.nan], [0.30, 0.50, 0.40]])
+    assert list(patch.y) == ["patch"] and np.asarray(patch.z, dtype=float).shape == (1, 3)  # a one-row heatmap
+    np.testing.assert_allclose(np.asarray(patch.z, dtype=float), [[0.10, 0.20, 0.15]])
+    assert cast.coloraxis == patch.coloraxis == "coloraxis"  # one colour scale for all
+    ax = fig.layout.coloraxis
+    assert (ax.cmin, ax.cmax) == pytest.approx((0.10, 0.50))
+    white = [pos for pos, colour in ax.colorscale if colour == "#f7f7f7"]
+    assert white == [pytest.approx((0.25 - 0.10) / 0.40)]  # white at zero-shot
+    assert "zero-shot (dev) 0.25" in ax.colorbar.title.text and "chance 0.20" in ax.colorbar.title.text
+    marks = {s.name: s for s in fig.layout.shapes}
+    assert set(marks) == {"chosen cast_mean_diff", "chosen task_vector"}
+    m = marks["chosen cast_mean_diff"]  # layer 6 is column 1, strength 2 is row 1 (category indices)
+    assert (m.x0, m.x1, m.y0, m.y1) == (0.5, 1.5, 0.5, 1.5) and (m.xref, m.yref) == ("x", "y")
+    t = marks["chosen task_vector"]
+    assert (t.x0, t.x1, t.y0, t.y1) == (1.5, 2.5, -0.5, 0.5) and (t.xref, t.yref) == ("x2", "y2")
+    assert fig.layout.title.text == "Sweep" and fig.layout.xaxis2.title.text == "layer"
+    cap = _caption(fig).text.replace("<br>", " ")
+    assert cap.startswith("Dev sweep.") and "outlined cell: the setting chosen on dev" in cap
+
+
+def test_sweep_heatmaps_without_baselines_or_choice_and_bad_input():
+    fig = P.sweep_heatmaps([3, 6, 9], {"a": {1.0: [0.1, 0.2, 0.3]}})
+    assert len(fig.data) == 1 and not fig.layout.shapes
+    assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == pytest.approx((0.1, 0.3))
+    with pytest.raises(ValueError, match=r"grids\['a'\]: expected 3 values per row"):
+        P.sweep_heatmaps([3, 6, 9], {"a": {1.0: [0.1, 0.2]}})
+    with pytest.raises(ValueError, match=r"chosen\['a'\]: \(12, 1.0\) is not a cell"):
+        P.sweep_heatmaps([3, 6, 9], {"a": {1.0: [0.1, 0.2, 0.3]}}, {"a": (12, 1.0)})
+    with pytest.raises(ValueError, match="grids"):
+        P.sweep_heatmaps([3, 6, 9], {})
+
+
+def test_transfer_sweep_figure_draws_the_part_sweep():
+    from castlens.experiments.results import Setting, SweepPoint, TargetResult
+    from castlens.experiments.transfer import sweep_figure
+
+    def pt(c: str, layer: int | None, s: float | None, acc: float) -> SweepPoint:
+        return SweepPoint(Setting(c, layer, s), acc)
+
+    sweep = [pt("unsteered", None, None, 0.3), pt("cast_mean_diff", 3, 1.0, 0.4), pt("cast_mean_diff", 6, 1.0, 0.6),
+             pt("cast_mean_diff", 3, 4.0, 0.2), pt("cast_mean_diff", 6, 4.0, 0.1), pt("task_vector", 3, 1.0, 0.35),
+             pt("task_vector", 6, 1.0, 0.25)]
+    part = TargetResult("t", 10, [0] * 10, 0.5, 0.5, {}, n_dev=8, layers=[3, 6], sweep=sweep,
+                        chosen={"cast_mean_diff": sweep[2], "task_vector": sweep[5]})
+    fig = sweep_figure(part, "cap")
+    cast, patch = fig.data
+    np.testing.assert_allclose(np.asarray(cast.z, dtype=float), [[0.4, 0.6], [0.2, 0.1]])
+    assert list(patch.y) == ["patch"] and list(np.asarray(patch.z, dtype=float)[0]) == [0.35, 0.25]
+    marks = {s.name: (s.x0, s.y0) for s in fig.layout.shapes}
+    assert marks == {"chosen cast_mean_diff": (0.5, -0.5), "chosen task_vector": (-0.5, -0.5)}
+    assert "zero-shot (dev) 0.30" in fig.layout.coloraxis.colorbar.title.text
+
 def test_caption_wrapping_and_no_caption():
     fig = P.accuracy_sweep(LAYERS, {"a": np.zeros(6)}, title="t", caption="line one\nline two " + "x " * 80)
     lines = _caption(fig).text.split("<br>")

@@ -223,17 +223,25 @@ def report(run: Run, cfg: TransferConfig, parts: Sequence[TargetResult], records
 
 
 def sweep_figure(p: TargetResult, caption: str = "") -> Any:
-    """Dev accuracy by layer, one curve per construction and strength (one per construction for a patch)."""
+    """Dev accuracy over layer x strength, one heatmap per construction (a patched vector, which has one strength,
+    as the one row ``patch``), the chosen setting of each outlined; colours diverge around zero-shot dev accuracy."""
     from castlens import plots
 
-    curves = {}
+    col = {layer: i for i, layer in enumerate(p.layers)}
+    grids: dict[str, dict[float | str, list[float]]] = {}
+    chosen: dict[str, tuple[int, float | str]] = {}
     for c in CONSTRUCTIONS:
-        pts = [x for x in p.sweep if x.setting.construction == c]
-        for s in sorted({x.setting.strength for x in pts if x.setting.strength is not None}):
-            curves[c if MODES.get(c) == "replace" else f"{c} x{s:g}"] = [x.dev_accuracy for x in pts
-                                                                         if x.setting.strength == s]
-    return plots.accuracy_sweep(p.layers, curves, title=f"{p.target}: dev accuracy by steering layer",
-                                caption=f"{caption}; steering at the last prompt token",
+        row_of = (lambda s: "patch") if MODES.get(c) == "replace" else float  # strength -> row key
+        for x in p.sweep:
+            s = x.setting
+            if s.construction == c and s.layer in col and s.strength is not None:
+                row = grids.setdefault(c, {}).setdefault(row_of(s.strength), [math.nan] * len(col))
+                row[col[s.layer]] = x.dev_accuracy
+        best = p.chosen.get(c)
+        if c in grids and best is not None and best.setting.layer in col and best.setting.strength is not None:
+            chosen[c] = (best.setting.layer, row_of(best.setting.strength))
+    return plots.sweep_heatmaps(p.layers, grids, chosen, caption=f"{caption}; steering at the last prompt token",
+                                title=f"{p.target}: dev accuracy by steering layer and strength",
                                 baselines={"zero-shot (dev)": p.sweep[0].dev_accuracy, "chance": p.chance})
 
 
