@@ -36,12 +36,26 @@ demo: $(STAMP)
 	$(VENV)/bin/castlens demo --out outputs/demo
 
 # Execute every notebook in place (from notebooks/) and store its outputs, plotly figures as static PNG images
-# (PLOTLY_RENDERER=png, no plotly.js) so a code host shows them. The suite executes fresh copies, never these outputs.
+# (PLOTLY_RENDERER=png, no plotly.js) so a code host shows them; progress-bar widgets, which need a live kernel,
+# are dropped. The suite executes fresh copies, never these outputs.
+define NOTEBOOKS_RUN
+import sys, nbformat
+from nbclient import NotebookClient
+for path in sys.argv[1:]:
+    print("executing", path, flush=True)
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=1800, kernel_name="python3", record_timing=False,
+                   resources={"metadata": {"path": "."}}).execute()
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        cell.outputs = [o for o in cell.outputs if "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
+    nb.metadata.pop("widgets", None)
+    nbformat.write(nb, path)
+endef
+export NOTEBOOKS_RUN
 .PHONY: notebooks
 notebooks: $(STAMP)
 	$(PY) -c "import sys; from castlens import plots; plots.png_export_available() or sys.exit(plots.PNG_EXPORT_FIX)"
-	cd notebooks && for nb in *.ipynb; do echo "executing $$nb"; \
-		PLOTLY_RENDERER=png ../$(VENV)/bin/jupyter-execute --inplace --timeout=1800 $$nb || exit 1; done
+	cd notebooks && PLOTLY_RENDERER=png ../$(PY) -c "$$NOTEBOOKS_RUN" *.ipynb
 
 # ruff and mypy (configured in pyproject.toml) first: the suite runs only on lint-clean code.
 lint: $(STAMP)
