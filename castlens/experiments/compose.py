@@ -94,10 +94,9 @@ def adapt(model: TransformerBridge, vectors: Mapping[str, object], task: Task, c
     few = random.Random(f"{cfg.seed}:adapt:{task.name}").sample(train, cfg.examples)
     target = prepare(model, task, cfg, dev=few)
     items: Items = target.dev  # type: ignore[assignment]
-    rows, gold = torch.arange(len(items.gold)), torch.tensor(items.gold)
 
     def stats(scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        return (scores.argmax(-1) == gold).numpy(), torch.softmax(scores, -1)[rows, gold].numpy()
+        return _stats(scores, items.gold)
 
     base = stats(prefix_option_logprobs(model, target.zero_prefix, items.queries, items.options,
                                         batch_size=batch_size)[0])
@@ -135,11 +134,16 @@ def adapt(model: TransformerBridge, vectors: Mapping[str, object], task: Task, c
                    "uniform_mean": best_j["uniform_mean"]})
 
 
+def _stats(scores: torch.Tensor, gold: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per item: is the top option the gold one, and the gold option's probability (normalised over options)."""
+    g = torch.tensor(gold)
+    return (scores.argmax(-1) == g).numpy(), torch.softmax(scores, -1)[torch.arange(len(g)), g].numpy()
+
+
 def _objective(model, target, items: Items, base, directions: torch.Tensor, layer: int, batch_size: int) -> float:
     scores = prefix_option_logprobs(model, target.zero_prefix, items.queries, items.options,
                                     [Steer("s2a", directions, layer, 1.0)], batch_size=batch_size)[0]
-    gold = torch.tensor(items.gold)
-    ok, p = (scores.argmax(-1) == gold).numpy(), torch.softmax(scores, -1)[torch.arange(len(gold)), gold].numpy()
+    ok, p = _stats(scores, items.gold)
     return objective(base[0], ok, base[1], p)
 
 

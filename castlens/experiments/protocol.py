@@ -283,11 +283,11 @@ def tune_and_test(model: TransformerBridge, target: Prepared, candidates: Mappin
         d = target.dev
         scores = prefix_option_logprobs(model, target.zero_prefix, d.queries, d.options,
                                         [UNSTEERED, *(c.steer() for c in flat)], batch_size=batch_size)
-        keys = pick(scores, d)
+        acc_lp = by_accuracy(scores, d)  # (dev accuracy to 9 digits, gold log-prob) per setting, recorded
+        keys = acc_lp if pick is by_accuracy else pick(scores, d)
         acc = (scores.argmax(-1) == torch.tensor(d.gold)).double().mean(-1).tolist()
-        gold_lp = by_accuracy(scores, d)
         for i, s in enumerate([Setting(UNSTEERED_NAME), *(c.setting for c in flat)]):
-            sweep.append(SweepPoint(s, float(acc[i]), gold_lp[i][1]))
+            sweep.append(SweepPoint(s, float(acc[i]), acc_lp[i][1]))
         chosen, by_setting = {}, {c.setting: i + 1 for i, c in enumerate(flat)}
         for name, cs in candidates.items():
             best = max(range(len(cs)), key=lambda j: (*keys[by_setting[cs[j].setting]], -j))

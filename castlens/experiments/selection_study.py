@@ -36,8 +36,7 @@ from castlens.experiments.protocol import (ProtocolConfig, check_config, default
 from castlens.experiments.results import (Interval, MethodResult, Row, TargetResult, fmt_interval, paired_delta,
                                           summarize, to_csv)
 from castlens.experiments.run import Run
-from castlens.experiments.sources import EMBEDDERS, Sample, candidate_pool, embed_texts, sample_diffs
-from castlens.files import atomic_write
+from castlens.experiments.sources import EMBEDDERS, Sample, embedded_pool, sample_diffs, target_embeddings
 from castlens.models import context_length
 from castlens.prompts import cross_task_blocks, default_format
 from castlens.selection import SELECTION_METHODS, select_indices
@@ -142,8 +141,7 @@ def run_target(model: TransformerBridge, cfg: StudyConfig, task: Task, sources: 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     target = prepare(model, task, cfg)
-    queries = target.dev.examples if target.dev else task.split("test")[:64]  # unlabelled inputs without train
-    t_emb = embed_texts(model, [target.fmt.render(e, False) for e in queries], batch_size, cfg.embedder)
+    t_emb = target_embeddings(model, task, target.dev.examples if target.dev else [], cfg.embedder, batch_size)
     need: dict[str, int] = {}
     for m, n in [*cfg.variants(), *([("cast", max(cfg.ns))] if cfg.ns else [])]:  # cast: the ICL demonstrations
         need[m] = max(need.get(m, 0), n)
@@ -192,7 +190,8 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: str | Path, data_
 
     def compute(name: str, done: list[TargetResult]) -> TargetResult:
         if not embedded:
-            embedded["pool"] = _embedded_pool(model, cfg, list(sources.values()), run, batch_size)
+            embedded["pool"] = embedded_pool(model, list(sources.values()), cfg.shots, cfg.seed, cfg.pool,
+                                             cfg.embedder, run.out / "candidates.safetensors", batch_size, log)
         pool, emb = embedded["pool"]
         return run_target(model, cfg, targets[name], sources, pool, emb, diffs, done, batch_size, log)
 
@@ -200,24 +199,6 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: str | Path, data_
     parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict,
                       {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order})
     return report(run, cfg, [parts[t] for t in targets])
-
-
-def _embedded_pool(model: TransformerBridge, cfg: StudyConfig, sources: list[Task], run: Run, batch_size: int
-                   ) -> tuple[list[Sample], np.ndarray]:
-    from safetensors.numpy import load_file, save
-
-    pool = candidate_pool(sources, cfg.shots, cfg.seed, cfg.pool)
-    path = run.out / "candidates.safetensors"
-    if path.exists():
-        emb = load_file(str(path))["embeddings"]
-        if emb.shape[0] == len(pool):
-            return pool, emb
-    fmts = {t.name: default_format(t) for t in sources}
-    t0 = time.perf_counter()
-    emb = embed_texts(model, [fmts[name].render(e, False) for name, e in pool], batch_size, cfg.embedder)
-    atomic_write(path, save({"embeddings": emb}))
-    run.log(f"embedded {len(pool)} source candidates in {time.perf_counter() - t0:.0f}s")
-    return pool, emb
 
 
 # ---------------------------------------------------------------- tables and figures

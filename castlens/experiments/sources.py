@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -44,7 +45,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CONSTRUCTIONS", "MODES", "EMBEDDERS", "Sample", "SourceRecord", "source_demos", "random_samples",
            "candidate_pool",
-           "sample_diffs", "source_vectors", "embed_texts", "DUMMY_QUERY"]
+           "sample_diffs", "source_vectors", "embed_texts", "embedded_pool", "target_embeddings",
+           "DUMMY_QUERY"]
 
 Sample = tuple[str, Example]     # (source task name, an item of its train split)
 DUMMY_QUERY = "x"
@@ -183,3 +185,34 @@ def embed_texts(model: TransformerBridge | None, texts: Sequence[str], batch_siz
     from castlens.activations import mean_resid
 
     return mean_resid(model, [text_ids(model, x) for x in texts], model.cfg.n_layers // 2, batch_size).numpy()
+
+
+def embedded_pool(model: TransformerBridge, sources: Sequence[Task], shots: int, seed: int, per_source: int,
+                  embedder: str, path: Path, batch_size: int = 16, log: Callable[[str], None] = print
+                  ) -> tuple[list[Sample], np.ndarray]:
+    """The candidate pool (:func:`candidate_pool`) and its embeddings for the graph search, computed once per
+    run and kept in ``path`` (reused while it holds one row per candidate)."""
+    from safetensors.numpy import load_file, save
+
+    from castlens.files import atomic_write
+
+    pool = candidate_pool(sources, shots, seed, per_source)
+    if path.exists():
+        emb = load_file(str(path))["embeddings"]
+        if emb.shape[0] == len(pool):
+            return pool, emb
+    fmts = {t.name: default_format(t) for t in sources}
+    t0 = time.perf_counter()
+    emb = embed_texts(model, [fmts[name].render(e, False) for name, e in pool], batch_size, embedder)
+    atomic_write(path, save({"embeddings": emb}))
+    log(f"embedded {len(pool)} source candidates in {time.perf_counter() - t0:.0f}s")
+    return pool, emb
+
+
+def target_embeddings(model: TransformerBridge, task: Task, dev: Sequence[Example], embedder: str,
+                      batch_size: int = 16) -> np.ndarray:
+    """What the graph search compares the pool with: the target's dev queries, or, for a target without a train
+    split, its first 64 test inputs (unlabelled: no answer is read)."""
+    fmt = default_format(task)
+    queries = list(dev) or task.split("test")[:64]
+    return embed_texts(model, [fmt.render(e, False) for e in queries], batch_size, embedder)

@@ -36,9 +36,8 @@ from castlens.experiments.protocol import (ProtocolConfig, calibrated_zero_shot,
                                            in_task_icl, open_run, prepare, prompted, split_dev, tune_and_test)
 from castlens.experiments.results import Row, TargetResult, fmt_interval, summarize, to_csv
 from castlens.experiments.run import Run
-from castlens.experiments.sources import (CONSTRUCTIONS, EMBEDDERS, MODES, SourceRecord, candidate_pool, embed_texts,
-                                          random_samples, source_vectors)
-from castlens.files import atomic_write
+from castlens.experiments.sources import (CONSTRUCTIONS, EMBEDDERS, MODES, SourceRecord, embedded_pool, random_samples,
+                                          source_vectors, target_embeddings)
 from castlens.prompts import cross_task_blocks, default_format
 from castlens.selection import SELECTION_METHODS, select_indices
 from castlens.tasks import Task
@@ -103,18 +102,10 @@ def _selected(model: TransformerBridge, cfg: TransferConfig, sources: Sequence[T
               batch_size: int) -> list:
     """The ``cfg.n`` pool candidates the graph search picks for ``target`` (against its dev queries, or its
     unlabelled test inputs when it has no train split); the pool's embeddings are kept in the run folder."""
-    from safetensors.numpy import load_file, save
-
-    pool = candidate_pool(sources, cfg.shots, cfg.seed, cfg.pool)
-    path = run.out / "candidates.safetensors"
-    emb = load_file(str(path))["embeddings"] if path.exists() else None
-    if emb is None or emb.shape[0] != len(pool):
-        fmts = {t.name: default_format(t) for t in sources}
-        emb = embed_texts(model, [fmts[name].render(e, False) for name, e in pool], batch_size, cfg.embedder)
-        atomic_write(path, save({"embeddings": emb}))
-    fmt = default_format(target)
-    queries = split_dev(target, cfg.dev, cfg.shots, cfg.seed)[0] or target.split("test")[:64]
-    t_emb = embed_texts(model, [fmt.render(e, False) for e in queries], batch_size, cfg.embedder)
+    pool, emb = embedded_pool(model, sources, cfg.shots, cfg.seed, cfg.pool, cfg.embedder,
+                              run.out / "candidates.safetensors", batch_size, run.log)
+    t_emb = target_embeddings(model, target, split_dev(target, cfg.dev, cfg.shots, cfg.seed)[0], cfg.embedder,
+                              batch_size)
     return [pool[i] for i in select_indices(cfg.select, emb, t_emb, cfg.n, seed=cfg.seed)]
 
 
