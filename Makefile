@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench bench-peers report figures transfer-figures compose-figures selection-figures clean
+.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures selection-figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/extraction_throughput.py
+
+bench-distributed: $(STAMP)
+	$(PY) benchmarks/distributed_overhead.py
 
 bench-peers: $(STAMP)
 	$(PY) benchmarks/peers.py

@@ -86,37 +86,83 @@ class Collected:
         return cls(first.model, list(diffs["few"]), first.n_samples, first.shots, first.seed, diffs)
 
 
-def collect(model, tasks: Sequence[str], n: int, shots: int, seed: int = 0, batch_size: int = 16,
-            data_dir: str | None = None, progress: bool = True) -> Collected:
-    """Run zero-shot, few-shot, filler and shuffled-label prompts of ``n`` queries per task; keep last tokens."""
+def collect_task(model, name: str, n: int, shots: int, seed: int = 0, batch_size: int = 16,
+                 data_dir: str | None = None, progress: bool = True) -> Collected:
+    """One task's zero-shot, few-shot, filler and shuffled-label prompts of ``n`` queries; last tokens kept."""
     tok = tokenizer_of(model)
 
     def n_tokens(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
-    out = Collected(model_name(model), [], n, shots, seed, {v: {} for v in VARIANTS})
+    task = load_task(name, data_dir)
+    out = Collected(model_name(model), [task.name], n, shots, seed, {v: {} for v in VARIANTS})
+    fmt = default_format(task)
+    split = "train" if task.train else "test"
+    if split == "test":
+        out.notes.append(f"{name}: no train split; queries and demonstrations both come from its test split "
+                         "(no labels are fitted here, so this is not tuning on test)")
+    pairs = contrastive_pairs(task, n, shots, seed=seed, fmt=fmt, split=split, demo_split=split)
+    prompts = ([p.zero for p in pairs] + [p.few for p in pairs]
+               + [filler_prompt(p, fmt, n_tokens) for p in pairs]
+               + [shuffled_label_prompt(p, fmt, seed, task.labels) for p in pairs])
+    acts = contrastive_activations(model, *(prompts[k * n:(k + 1) * n] for k in range(4)),
+                                   batch_size=batch_size, progress=progress)
+    zero = acts[0]
+    out.zero[task.name], out.few[task.name] = zero, acts[1]
+    for j, variant in enumerate(VARIANTS, 1):
+        out.diffs[variant][task.name] = acts[j] - zero
+    return out
+
+
+def collect(model, tasks: Sequence[str], n: int, shots: int, seed: int = 0, batch_size: int = 16,
+            data_dir: str | None = None, progress: bool = True) -> Collected:
+    """:func:`collect_task` for each task, merged (:func:`merge`)."""
+    parts = []
     for i, name in enumerate(tasks, 1):
         t0 = time.perf_counter()
-        task = load_task(name, data_dir)
-        fmt = default_format(task)
-        split = "train" if task.train else "test"
-        if split == "test":
-            out.notes.append(f"{name}: no train split; queries and demonstrations both come from its test split "
-                             "(no labels are fitted here, so this is not tuning on test)")
-        pairs = contrastive_pairs(task, n, shots, seed=seed, fmt=fmt, split=split, demo_split=split)
-        prompts = ([p.zero for p in pairs] + [p.few for p in pairs]
-                   + [filler_prompt(p, fmt, n_tokens) for p in pairs]
-                   + [shuffled_label_prompt(p, fmt, seed, task.labels) for p in pairs])
-        acts = contrastive_activations(model, *(prompts[k * n:(k + 1) * n] for k in range(4)),
-                                       batch_size=batch_size, progress=progress)
-        zero = acts[0]
-        out.zero[task.name], out.few[task.name] = zero, acts[1]
-        for j, variant in enumerate(VARIANTS, 1):
-            out.diffs[variant][task.name] = acts[j] - zero
-        out.tasks.append(task.name)
+        parts.append(collect_task(model, name, n, shots, seed, batch_size, data_dir, progress))
         if progress:
             print(f"[{i}/{len(tasks)}] {name}: {4 * n} prompts in {time.perf_counter() - t0:.1f}s", flush=True)
-    return out
+    return merge(parts)
+
+
+def merge(parts: Sequence[Collected]) -> Collected:
+    """One :class:`Collected` from per-task ones of the same run (model, ``n``, ``shots``, seed), in their order."""
+    first = parts[0]
+    for c in parts:
+        if (c.model, c.n, c.shots, c.seed) != (first.model, first.n, first.shots, first.seed):
+            raise ValueError(f"cannot merge collections of different runs: {c.tasks} ({c.model}, n={c.n}, "
+                             f"shots={c.shots}, seed={c.seed}) and {first.tasks} ({first.model}, n={first.n}, "
+                             f"shots={first.shots}, seed={first.seed})")
+    return Collected(first.model, [t for c in parts for t in c.tasks], first.n, first.shots, first.seed,
+                     {v: {t: d for c in parts for t, d in c.diffs[v].items()} for v in first.diffs},
+                     {t: z for c in parts for t, z in c.zero.items()}, {t: f for c in parts for t, f in c.few.items()},
+                     [note for c in parts for note in c.notes])
+
+
+def save_part(c: Collected, path: str | os.PathLike) -> Path:
+    """One task's collection as safetensors (every tensor, the run's identity and notes in its metadata),
+    written atomically: the part a resumed or multi-process analysis reads back with :func:`load_part`."""
+    from safetensors.torch import save
+
+    (task,) = c.tasks
+    tensors = {f"diff.{v}": c.diffs[v][task] for v in c.diffs} | {"zero": c.zero[task], "few": c.few[task]}
+    meta = {"model": c.model, "task": task, "n": str(c.n), "shots": str(c.shots), "seed": str(c.seed),
+            "notes": json.dumps(c.notes)}
+    return atomic_write(path, save({k: t.contiguous() for k, t in tensors.items()}, metadata=meta))
+
+
+def load_part(path: str | os.PathLike) -> Collected:
+    """A part written by :func:`save_part`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    task = meta["task"]
+    return Collected(meta["model"], [task], int(meta["n"]), int(meta["shots"]), int(meta["seed"]),
+                     {k.split(".", 1)[1]: {task: v} for k, v in t.items() if k.startswith("diff.")},
+                     {task: t["zero"]}, {task: t["few"]}, json.loads(meta["notes"]))
 
 
 def _ci(d: dict[str, Tensor]) -> dict[str, list[float]]:

@@ -7,6 +7,7 @@
     castlens compose --library FILES --targets x,y --examples 12 --out DIR   Steer2Adapt
     castlens selection-study --sources a,b --targets x,y --out DIR   selection ablation and sample scaling
     castlens report DIR                              rewrite a finished run's tables and figures from its parts
+    castlens merge DIR DIR ... --out DIR             the tables of independent runs (a sweep) as one
     castlens export VECTORS.safetensors [--vector TASK] --out FILE.gguf   llama.cpp control vector
     castlens demo --out DIR                          the main job on the embedded default model
 """
@@ -52,13 +53,24 @@ def _load(a: argparse.Namespace, tasks: Sequence[str] = ()) -> Any:
 
     for name in tasks:
         load_task(name, a.data_dir)
-    return load_model(a.model, **({"device": a.device, "dtype": a.dtype} if hasattr(a, "device") else {}))
+    from castlens.distributed import world
+
+    device = getattr(a, "device", None) or world().device  # under torchrun with GPUs: this rank's own
+    return load_model(a.model, device=device, dtype=getattr(a, "dtype", None))
+
+
+def _result(text: str) -> None:
+    """A run's final lines: printed by rank 0 only under torchrun (the other ranks' logs are labelled)."""
+    from castlens.distributed import world
+
+    if world().main:
+        print(text)
 
 
 def _print_means(rows: Sequence[Any]) -> None:
     for r in (r for r in rows if r.mean):
         d = r.deltas.get("zero")
-        print(f"  {r.method:<15} mean accuracy {100 * r.accuracy:5.1f}% [{100 * r.ci_lo:.1f}, {100 * r.ci_hi:.1f}]"
+        _result(f"  {r.method:<15} mean accuracy {100 * r.accuracy:5.1f}% [{100 * r.ci_lo:.1f}, {100 * r.ci_hi:.1f}]"
               + ("" if d is None else f"   vs zero-shot {100 * d.point:+.1f} pts"
                  f"{' (inside the noise)' if d.noise else ''}"))
 
@@ -70,7 +82,7 @@ def cmd_vectors(a: argparse.Namespace) -> int:
     model = _load(a, a.tasks)
     path, vectors = run_vectors(model, a.tasks, a.n, a.shots, a.out, a.seed, a.chat, a.batch_size, a.data_dir,
                                 a.truncate_demos, a.overwrite)
-    print(f"wrote {len(vectors)} vectors [{model.cfg.n_layers} layers x {model.cfg.d_model}] to {path} "
+    _result(f"wrote {len(vectors)} vectors [{model.cfg.n_layers} layers x {model.cfg.d_model}] to {path} "
           f"(+ {path.with_suffix('.json').name})")
     return 0
 
@@ -80,12 +92,14 @@ def _analyze(a: argparse.Namespace, tasks: Sequence[str], out: Path, n_boot: int
 
     res = run_analysis(lambda: _load(a), a.model, tasks, a.n, a.shots, out, a.seed, False if a.no_png else None,
                        n_boot, a.data_dir, vectors)
+    if not res.summary:  # another rank than 0 of a multi-process launch: rank 0 writes the report
+        return
     s, b = res.summary, res.summary["best_layer"]
     cc = s["cross_task_cosine"]
     controls = ", ".join(f"{v} control {cc[v]['mean'][b]:.3f}" for v in cc if v != "few")
-    print(f"\nbest layer {b}: mean cross-task cosine few-shot {cc['few']['mean'][b]:.3f} [{cc['few']['lo'][b]:.3f}, "
+    _result(f"\nbest layer {b}: mean cross-task cosine few-shot {cc['few']['mean'][b]:.3f} [{cc['few']['lo'][b]:.3f}, "
           f"{cc['few']['hi'][b]:.3f}]{', ' + controls if controls else ''}, random {s['random_cosine'][b]:+.3f}")
-    print(f"wrote {len(res.files)} files to {out}/ (summary.md, summary.json, figures as .html"
+    _result(f"wrote {len(res.files)} files to {out}/ (summary.md, summary.json, figures as .html"
           f"{' and .png' if any(f.suffix == '.png' for f in res.files) else ''}, vectors.safetensors)")
 
 
@@ -104,7 +118,7 @@ def _transfer(a: argparse.Namespace, sources: Sequence[str], targets: Sequence[s
     t0 = time.perf_counter()
     rows = run_transfer(model, dataclasses.replace(cfg, model=model_name(model)), out, a.data_dir,
                         getattr(a, "batch_size", 16), False if a.no_png else None)
-    print(f"transfer finished in {time.perf_counter() - t0:.0f}s; table: {out / 'results.md'}")
+    _result(f"transfer finished in {time.perf_counter() - t0:.0f}s; table: {out / 'results.md'}")
     _print_means(rows)
 
 
@@ -132,7 +146,7 @@ def cmd_compose(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = run_compose(model, lib, cfg, Path(a.out), a.data_dir, a.compare_to, a.batch_size,
                        False if a.no_png else None)
-    print(f"compose finished in {time.perf_counter() - t0:.0f}s; table: {Path(a.out) / 'results.md'}")
+    _result(f"compose finished in {time.perf_counter() - t0:.0f}s; table: {Path(a.out) / 'results.md'}")
     _print_means(rows)
     return 0
 
@@ -149,7 +163,7 @@ def cmd_selection_study(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ablation, _ = run_study(model, dataclasses.replace(cfg, model=model_name(model)), Path(a.out), a.data_dir,
                             a.batch_size, False if a.no_png else None)
-    print(f"selection study finished in {time.perf_counter() - t0:.0f}s; tables: {Path(a.out) / 'results.md'}")
+    _result(f"selection study finished in {time.perf_counter() - t0:.0f}s; tables: {Path(a.out) / 'results.md'}")
     _print_means(ablation)
     return 0
 
@@ -159,6 +173,15 @@ def cmd_report(a: argparse.Namespace) -> int:
 
     files = regenerate(a.run, png=False if a.no_png else None, compare_to=a.compare_to)
     print(f"rewrote {len(files)} files in {a.run} from its parts")
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from castlens.experiments.merge import merge_runs
+
+    m = merge_runs(a.runs, a.out)
+    print(f"merged {len(m.runs)} runs into {m.out}: {', '.join(m.tables)}; columns from their configs: "
+          f"{', '.join(m.keys) or 'none (the runs have the same config)'}")
     return 0
 
 
@@ -176,10 +199,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f"castlens demo: {a.model}, built-in tasks {', '.join(BUILTIN_TASKS)}; {a.n} queries x {a.shots} shots "
           "each, with length-matched and shuffled-label controls")
     _analyze(a, list(BUILTIN_TASKS), Path(a.out), 500, None)
-    print(f"\ncastlens demo: transfer from {', '.join(DEMO_SOURCES)} to {', '.join(DEMO_TARGETS)} "
+    _result(f"\ncastlens demo: transfer from {', '.join(DEMO_SOURCES)} to {', '.join(DEMO_TARGETS)} "
           f"({a.n} source samples, {a.shots} shots)")
     _transfer(a, DEMO_SOURCES, DEMO_TARGETS, Path(a.out) / "transfer", dev=24, n_boot=500)
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s; open {Path(a.out) / 'cosine_by_layer.html'} and "
+    _result(f"demo finished in {time.perf_counter() - t0:.0f}s; open {Path(a.out) / 'cosine_by_layer.html'} and "
           f"{Path(a.out) / 'transfer' / 'results.md'}")
     return 0
 
@@ -225,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "../shared/data)")
             sp.add_argument("--seed", type=int, default=0)
             sp.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs Chromium)")
+            sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available; "
+                            "under torchrun each rank's own GPU)")
+            sp.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                            help="model weights and activations (default float32)")
         return sp
 
     def add(sp: argparse.ArgumentParser, *names: str) -> None:
@@ -257,8 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     v.add_argument("--truncate-demos", action="store_true", help="drop the earliest demonstrations of a prompt "
                    "longer than the model's context (default: refuse with an error)")
-    v.add_argument("--device", default=None)
-    v.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
 
     an = command("analyze", cmd_analyze, "parallel-direction analysis with controls, figures and summary")
     add(an, "tasks", "n_boot")
@@ -312,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compare-to", default=None, help="compose runs: the run to compare with (comparison.md)")
     r.add_argument("--no-png", action="store_true", help="write HTML figures only")
 
+    mg = command("merge", cmd_merge, "the tables of independent runs (a sweep's folders) as one table each",
+                 model=False)
+    mg.add_argument("runs", nargs="+", help="finished run folders of one kind (transfer, selection-study, compose)")
+    mg.add_argument("--out", required=True, help="output folder: the merged CSVs and runs.md")
+
     ex = command("export", cmd_export, "write one vector as a llama.cpp control-vector GGUF (--control-vector)",
                  model=False)
     ex.add_argument("vectors", help="a vector file written by `castlens vectors` (.safetensors, .json beside it)")
@@ -334,7 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; under ``torchrun`` every rank runs it (:mod:`castlens.distributed`): rank 0 prints as a
+    single process does, the other ranks' logs are labelled ``[rank r]`` and their progress bars are off."""
+    from castlens.distributed import quiet_progress_off_main, world
+
+    quiet_progress_off_main()
     args = build_parser().parse_args(argv)
+    w = world()
+    if not w.main:
+        sys.stdout, sys.stderr = w.labelled(sys.stdout), w.labelled(sys.stderr)
     try:
         return int(args.func(args))
     except (TaskError, ValueError) as err:  # bad input: one clear line, no traceback
@@ -349,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncastlens {args.cmd}: interrupted" + (f"; finished parts are kept in {out}, rerun the same command "
               "to resume" if out else ""), file=sys.stderr)
         return 130
+    finally:
+        w.close()
 
 
 if __name__ == "__main__":

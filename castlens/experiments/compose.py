@@ -169,6 +169,8 @@ def run_compose(model: TransformerBridge, library_vectors: Mapping[str, object],
 
     parts = run.parts(list(targets), compute, TargetResult.from_dict, TargetResult.to_dict,
                       {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in targets})
+    if not run.world.main:  # one rank writes the tables
+        return []
     return report(run, cfg, [parts[t] for t in targets], compare_to)
 
 

@@ -6,13 +6,18 @@ finished unit of work (a target task, say), and the tables and figures made from
     run = Run(out, config)            # opens the folder: removes temp files a killed run left, writes the config
                                       # or refuses a different one
     parts = run.parts(units, compute, load)   # finished parts are read back, never rewritten; the rest computed
-    run.write("results.md", text)     # atomic, like every file castlens writes (castlens.files)
+    if run.world.main:                # in a multi-process launch, one rank writes the tables
+        run.write("results.md", text) # atomic, like every file castlens writes (castlens.files)
     run.figure("accuracy", fig)       # HTML, and PNG where export works here (decided once per run)
 
 A config is a frozen dataclass with ``to_dict``. A config key that a newer castlens added counts, for a run
 written before it existed, with the field's default; any other difference is refused, naming the keys, so a
 resumed run can never mix parts computed under two configs. ``inputs`` (name -> sha256 of a task file or a
 model's weights) are part of the config: a part is not reused after its inputs changed.
+
+Under ``torchrun`` (:mod:`castlens.distributed`) the same code is data parallel: rank 0 opens the folder, every
+rank computes its share of the unfinished units and writes their parts, and after a barrier every rank has all
+parts; the runners then let rank 0 alone write the tables, which are therefore those of a single process.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Collection, Mapping, Protocol, Sequence, TypeVar
 
+from castlens.distributed import World
+from castlens.distributed import world as _world
 from castlens.files import atomic_write, remove_stale_temp, write_json
 
 __all__ = ["Run", "RunConfig", "RunError"]
@@ -51,13 +58,25 @@ def _defaults(config: Any) -> dict[str, Any]:
 
 class Run:
     """A run folder (see the module docstring). ``png=None``: PNGs where export works here, else HTML only
-    (said once); ``inputs``: checksums of what the run reads, checked on resume."""
+    (said once); ``inputs``: checksums of what the run reads, checked on resume; ``world``: the launch (default:
+    :func:`castlens.distributed.world`)."""
 
     def __init__(self, out: str | Path, config: RunConfig, png: bool | None = None,
-                 inputs: Mapping[str, str] | None = None, log: Callable[[str], None] = print):
+                 inputs: Mapping[str, str] | None = None, log: Callable[[str], None] = print,
+                 world: World | None = None):
         self.out, self.config, self.log = Path(out), config, log
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp(self.out)
+        self.world, self._inputs = world or _world(), inputs
+        if self.world.main:  # before any rank writes: a temp file now is a killed writer's
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp(self.out)
+            self._open()
+        self.world.barrier()
+        if not self.world.main:
+            self._open()
+        self._png = png
+
+    def _open(self) -> None:
+        config, inputs = self.config, self._inputs
         now = _plain(config.to_dict())
         if inputs:
             now["inputs"] = dict(sorted(inputs.items()))
@@ -75,7 +94,6 @@ class Run:
                                "--out (or delete the folder)")
         else:
             write_json(path, now)
-        self._png = png
 
     @property
     def png(self) -> bool:
@@ -90,22 +108,48 @@ class Run:
     def part_path(self, unit: str) -> Path:
         return self.out / "parts" / f"{unit}.part.json"
 
+    def unfinished(self, units: Sequence[str]) -> list[str]:
+        """The units of ``units`` that have no part yet."""
+        return [u for u in units if not self.part_path(u).exists()]
+
     def parts(self, units: Sequence[str], compute: Callable[[str, list[T]], T], load: Callable[[dict], T],
-              dump: Callable[[T], dict], sizes: Mapping[str, int] | None = None) -> dict[str, T]:
+              dump: Callable[[T], dict], sizes: Mapping[str, int] | None = None,
+              after: Collection[str] = ()) -> dict[str, T]:
         """Each unit's finished part if there is one (read with ``load``, never rewritten), else ``compute(unit,
-        parts finished so far)``, written atomically (``dump``) before the next unit starts."""
+        earlier)``, written atomically (``dump``) as soon as it is done; returns every unit's part, in order.
+
+        ``after``: units that read the others' results (a target without a train split borrows their settings):
+        they start once every other unit is finished and get those parts, in ``units`` order, as ``earlier``;
+        every other unit gets ``[]``. In a multi-process launch each rank computes its share of the unfinished
+        units (balanced by ``sizes``) and, after a barrier, reads the rest from the other ranks' parts."""
+        first = [u for u in units if u not in after]
+        done = self._wave(first, lambda u: compute(u, []), load, dump, sizes, units)
+        earlier = [done[u] for u in first]
+        done.update(self._wave([u for u in units if u in after], lambda u: compute(u, earlier), load, dump, sizes,
+                               units))
+        return {u: done[u] for u in units}
+
+    def _wave(self, units: Sequence[str], compute: Callable[[str], T], load: Callable[[dict], T],
+              dump: Callable[[T], dict], sizes: Mapping[str, int] | None, everything: Sequence[str]) -> dict[str, T]:
+        todo = self.unfinished(units)
+        self.world.barrier()  # every rank has listed the unfinished units before any rank writes one
+        mine = self.world.mine(todo, sizes)
         done: dict[str, T] = {}
-        for i, unit in enumerate(units, 1):
-            path = self.part_path(unit)
-            if path.exists():
-                done[unit] = load(json.loads(path.read_text()))
-                self.log(f"[{i}/{len(units)}] {unit}: finished earlier, kept")
-                continue
-            t0 = time.perf_counter()
-            self.log(f"[{i}/{len(units)}] {unit}" + (f": {sizes[unit]} test items" if sizes else ""))
-            done[unit] = compute(unit, list(done.values()))
-            write_json(path, dump(done[unit]))
-            self.log(f"  done in {time.perf_counter() - t0:.0f}s")
+        for unit in units:
+            i = everything.index(unit) + 1
+            if unit not in todo:
+                done[unit] = load(json.loads(self.part_path(unit).read_text()))
+                self.log(f"[{i}/{len(everything)}] {unit}: finished earlier, kept")
+            elif unit in mine:
+                t0 = time.perf_counter()
+                self.log(f"[{i}/{len(everything)}] {unit}" + (f": {sizes[unit]} test items" if sizes else ""))
+                done[unit] = compute(unit)
+                write_json(self.part_path(unit), dump(done[unit]))
+                self.log(f"  done in {time.perf_counter() - t0:.0f}s")
+        self.world.barrier()  # every part of this wave is on disk
+        for unit in todo:
+            if unit not in mine:
+                done[unit] = load(json.loads(self.part_path(unit).read_text()))
         return done
 
     def write(self, name: str, text: str) -> Path:

@@ -186,18 +186,20 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: str | Path, data_
     resumes), then the tables and figures (:func:`report`). Returns the ablation and the scaling rows."""
     run, sources, targets = open_run(model, cfg, out, data_dir, png, log, cfg.layers)
     diffs: dict[int, torch.Tensor] = {}
-    embedded: dict[str, tuple[list[Sample], np.ndarray]] = {}  # the pool and its embeddings, made when first needed
+    order = sorted(targets, key=lambda t: not targets[t].train)  # a test-only target borrows from the others
+    # the pool and its embeddings: made only if some target is unfinished, by one rank, then read back
+    pool, emb = run.world.once(lambda: embedded_pool(
+        model, list(sources.values()), cfg.shots, cfg.seed, cfg.pool, cfg.embedder,
+        run.out / "candidates.safetensors", batch_size, log)) if run.unfinished(order) else ([], np.zeros(0))
 
     def compute(name: str, done: list[TargetResult]) -> TargetResult:
-        if not embedded:
-            embedded["pool"] = embedded_pool(model, list(sources.values()), cfg.shots, cfg.seed, cfg.pool,
-                                             cfg.embedder, run.out / "candidates.safetensors", batch_size, log)
-        pool, emb = embedded["pool"]
         return run_target(model, cfg, targets[name], sources, pool, emb, diffs, done, batch_size, log)
 
-    order = sorted(targets, key=lambda t: not targets[t].train)
     parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict,
-                      {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order})
+                      {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order},
+                      after=[t for t in order if not targets[t].train])
+    if not run.world.main:  # one rank writes the tables
+        return [], []
     return report(run, cfg, [parts[t] for t in targets])
 
 

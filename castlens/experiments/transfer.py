@@ -125,8 +125,12 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
     """The whole run into ``out``: ``config.json``, the source vectors, one part per target, then the tables and
     figures (:func:`report`). A second call with the same config resumes; with a different one it refuses."""
     run, sources, targets = open_run(model, cfg, out, data_dir, png, log, cfg.layers)
-    shared = _vectors(model, cfg, list(sources.values()), run, "vectors.safetensors", "sources.json", None) \
-        if cfg.select == "random" else None
+    order = sorted(targets, key=lambda t: not targets[t].train)  # a test-only target borrows from the others
+    shared = run.world.once(lambda: _vectors(model, cfg, list(sources.values()), run, "vectors.safetensors",
+                                             "sources.json", None)) if cfg.select == "random" else None
+    if shared is None and run.unfinished(order):  # the candidate pool once, before the ranks split the targets
+        run.world.once(lambda: embedded_pool(model, list(sources.values()), cfg.shots, cfg.seed, cfg.pool,
+                                             cfg.embedder, run.out / "candidates.safetensors", batch_size, run.log))
     layers = list(cfg.layers or default_layers(model.cfg.n_layers))
 
     def compute(name: str, done: list[TargetResult]) -> TargetResult:
@@ -147,9 +151,11 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
             f"CAST {100 * part.methods['cast_mean_diff'].accuracy:.1f}%")
         return part
 
-    order = sorted(targets, key=lambda t: not targets[t].train)  # a test-only target borrows from the others
     parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict,
-                      {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order})
+                      {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order},
+                      after=[t for t in order if not targets[t].train])
+    if not run.world.main:  # one rank writes the tables
+        return []
     files = [run.out / "sources.json"] if shared else sorted((run.out / "vectors").glob("*.sources.json"))
     records = [SourceRecord.from_dict(json.loads(p.read_text())) for p in files]
     return report(run, cfg, [parts[t] for t in targets], records)

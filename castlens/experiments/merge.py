@@ -1,0 +1,96 @@
+"""Merge: the tables of independent runs (a SLURM array, a models x targets x settings sweep) as one.
+
+A sweep on a cluster is many ordinary castlens runs, one folder each, that share nothing but the read-only task
+files and model cache. Each folder's ``config.json`` says what makes it different, so merging needs no
+bookkeeping of its own::
+
+    for each table name every run has (results.csv, costs.csv, ablation.csv, ...):
+        rows of every run, in the order the runs are given,
+        each prefixed by ``run`` (the folder) and the config keys whose values differ between the runs
+
+plus ``runs.md``: one line per run with those keys. Nothing is recomputed and no number changes: a merged row is
+a row of one run's table. Runs of different kinds (a transfer and a compose run) have different tables and are
+refused, as is a folder that is not a finished run. Knows no model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from castlens.experiments.run import RunError
+from castlens.files import atomic_write
+
+__all__ = ["Merged", "merge_runs"]
+
+IGNORED_KEYS = ("inputs",)  # checksums of the inputs: they differ whenever the model or a task differs
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What :func:`merge_runs` wrote: ``tables`` (name -> merged CSV), the config ``keys`` that differ."""
+
+    out: Path
+    tables: dict[str, Path]
+    keys: tuple[str, ...]
+    runs: tuple[Path, ...]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+
+
+def _read(run: Path) -> tuple[dict[str, Any], dict[str, list[list[str]]]]:
+    if not (run / "config.json").is_file():
+        raise RunError(f"{run} is not a castlens run folder (no config.json)")
+    tables = {p.name: list(csv.reader(io.StringIO(p.read_text()))) for p in sorted(run.glob("*.csv"))}
+    if not tables:
+        raise RunError(f"{run} has no tables yet (no .csv): finish the run first (rerun its command)")
+    return json.loads((run / "config.json").read_text()), tables
+
+
+def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Merged:
+    """The merged tables of ``runs`` into ``out`` (see the module docstring)."""
+    paths = [Path(r) for r in runs]
+    if len(paths) < 2:
+        raise ValueError(f"merge needs at least 2 run folders, got {len(paths)}")
+    if len({p.resolve() for p in paths}) < len(paths):
+        raise ValueError("a run folder is given twice: " + ", ".join(sorted({str(p) for p in paths
+                                                                              if paths.count(p) > 1})))
+    read = [_read(p) for p in paths]
+    names = set(read[0][1])
+    for p, (_, tables) in zip(paths, read):
+        if set(tables) != names:
+            raise RunError(f"{p} has the tables {sorted(tables)}, {paths[0]} has {sorted(names)}: runs of different "
+                           "kinds cannot be merged")
+        for name in names:
+            if tables[name][:1] != read[0][1][name][:1]:
+                raise RunError(f"{p}/{name} has other columns than {paths[0]}/{name}")
+    configs = [cfg for cfg, _ in read]
+    all_keys = [k for k in configs[0] if k not in IGNORED_KEYS] + \
+        [k for cfg in configs[1:] for k in cfg if k not in configs[0] and k not in IGNORED_KEYS]
+    keys = tuple(k for k in dict.fromkeys(all_keys) if len({_cell(cfg.get(k)) for cfg in configs}) > 1)
+    labels = [p.as_posix() for p in paths]
+    out = Path(out)
+    written = {}
+    for name in sorted(names):
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        header = read[0][1][name][0]
+        w.writerow(["run", *(f"config_{k}" if k in header or k == "run" else k for k in keys), *header])
+        for label, cfg, (_, tables) in zip(labels, configs, read):
+            for row in tables[name][1:]:
+                w.writerow([label, *(_cell(cfg.get(k)) for k in keys), *row])
+        written[name] = atomic_write(out / name, buf.getvalue())
+    lines = [f"# {len(paths)} merged runs", "", "Config keys that differ: " + (", ".join(keys) or "none") + ".", "",
+             "| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines += [f"| {label} | " + " | ".join(_cell(cfg.get(k)) for k in keys) + " |"
+              for label, cfg in zip(labels, configs)]
+    atomic_write(out / "runs.md", "\n".join(lines) + "\n")
+    return Merged(out, written, keys, tuple(paths))

@@ -1,0 +1,78 @@
+"""castlens merge: the tables of independent runs (a sweep) as one, each row a row of one run's table."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from castlens.cli import main
+from castlens.experiments.merge import merge_runs
+from castlens.experiments.run import RunError
+
+
+def _run(path, config, tables):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    for name, rows in tables.items():
+        (path / name).write_text("\n".join(",".join(r) for r in rows) + "\n")
+    return path
+
+
+def test_rows_are_prefixed_by_the_run_and_the_config_keys_that_differ(tmp_path):
+    head = ["target", "method", "accuracy"]
+    a = _run(tmp_path / "gemma" / "s4", {"model": "gemma-3-270m", "n": 8, "strengths": [1, 4], "inputs": {"x": "1"}},
+             {"results.csv": [head, ["sst2", "zero_shot", "0.5"], ["sst2", "cast", "0.6"]]})
+    b = _run(tmp_path / "smol" / "s4", {"model": "smollm2", "n": 8, "strengths": [2, 8], "inputs": {"x": "2"}},
+             {"results.csv": [head, ["sst2", "zero_shot", "0.4"]]})
+    m = merge_runs([a, b], tmp_path / "merged")
+    assert m.keys == ("model", "strengths")  # n is the same; the input checksums are not a setting
+    rows = list(csv.reader(io.StringIO((tmp_path / "merged" / "results.csv").read_text())))
+    assert rows == [["run", "model", "strengths", *head],
+                    [a.as_posix(), "gemma-3-270m", "1,4", "sst2", "zero_shot", "0.5"],
+                    [a.as_posix(), "gemma-3-270m", "1,4", "sst2", "cast", "0.6"],
+                    [b.as_posix(), "smollm2", "2,8", "sst2", "zero_shot", "0.4"]]
+    assert "| " + b.as_posix() + " | smollm2 | 2,8 |" in (tmp_path / "merged" / "runs.md").read_text()
+
+
+def test_merge_refuses_what_is_not_one_kind_of_finished_run(tmp_path, capsys):
+    a = _run(tmp_path / "a", {"n": 1}, {"results.csv": [["x"], ["1"]]})
+    b = _run(tmp_path / "b", {"n": 2}, {"results.csv": [["x"], ["2"]], "costs.csv": [["y"], ["3"]]})
+    unfinished = _run(tmp_path / "c", {"n": 3}, {})
+    with pytest.raises(RunError, match="runs of different kinds"):
+        merge_runs([a, b], tmp_path / "m")
+    with pytest.raises(RunError, match="no tables yet"):
+        merge_runs([a, unfinished], tmp_path / "m")
+    with pytest.raises(RunError, match="not a castlens run folder"):
+        merge_runs([a, tmp_path], tmp_path / "m")
+    assert main(["merge", str(a), str(a), "--out", str(tmp_path / "m")]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_slurm_array_covers_the_sweep_once_and_queues_one_merge(tmp_path):
+    """scripts/sweep.slurm with ``castlens`` and ``sbatch`` replaced by recorders: every array index is one
+    distinct (model, target, strengths) run folder, and only the last index queues the merge after the array."""
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "sweep.slurm"
+    n = [int(x) for x in re.search(r"--array=(\d+)-(\d+)", script.read_text()).groups()]
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool in ("castlens", "sbatch"):
+        (bin_ / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{tmp_path}/calls"\n')
+        (bin_ / tool).chmod(0o755)
+    for i in range(n[0], n[1] + 1):
+        env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": str(i),
+               "SLURM_ARRAY_JOB_ID": "42", "OUT": "runs/sweep"}
+        subprocess.run(["bash", str(script)], env=env, check=True, cwd=tmp_path)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    runs = [c for c in calls if c.startswith("castlens transfer")]
+    outs = {c.split("--out ")[1] for c in runs}
+    assert len(runs) == len(outs) == n[1] - n[0] + 1 == 20
+    assert {o.split("/")[2] for o in outs} == {"smollm2-135m-instruct", "gemma-3-270m"}
+    merges = [c for c in calls if c.startswith("sbatch")]
+    assert len(merges) == 1 and "afterok:42" in merges[0] and "castlens merge runs/sweep/*/*/s*" in merges[0]
