@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from castlens.models import context_length, model_name, pad_id, residual_stream_only, tokenizer_of
+from castlens.models import context_length, input_device, model_name, pad_id, residual_stream_only, tokenizer_of
 
 HOOK = "blocks.{layer}.hook_resid_post"
 
@@ -192,7 +192,7 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
 
     out = torch.empty(len(seqs), len(layers), model.cfg.d_model, dtype=torch.float32)
     deepest = max(layers)
-    device = next(model.parameters()).device
+    device = input_device(model)
     state: dict = {}
 
     def make_hook(j: int, layer: int):
@@ -235,12 +235,12 @@ def mean_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layer: i
     seqs = token_ids(model, prompts)
     check_lengths(model, seqs, task=task)
     out = torch.empty(len(seqs), model.cfg.d_model, dtype=torch.float32)
-    device = next(model.parameters()).device
+    device = input_device(model)
     state: dict = {}
 
-    def hook(x: Tensor, hook) -> None:
-        m = state["mask"].to(x.device, x.dtype)[..., None]
-        out[state["rows"]] = ((x * m).sum(1) / m.sum(1)).float().cpu()
+    def hook(x: Tensor, hook) -> None:  # summed in float32: a bfloat16 sum (and count) would round at each step
+        m = state["mask"].to(x.device, torch.float32)[..., None]
+        out[state["rows"]] = ((x.float() * m).sum(1) / m.sum(1)).cpu()
         raise StopForward
 
     batches = length_sorted_batches(seqs, batch_size)

@@ -35,7 +35,7 @@ from castlens.activations import (
     prompt_ends,
     token_ids,
 )
-from castlens.models import pad_id, residual_stream_only, tokenizer_of
+from castlens.models import input_device, pad_id, residual_stream_only, tokenizer_of
 
 
 def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], options: Sequence[Sequence[str]],
@@ -70,7 +70,7 @@ def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], opt
     out = torch.full((len(prompts), max(len(o) for o in options)), float("-inf"))
     pad = pad_id(model)
     batches = length_sorted_batches(rows, batch_size)
-    device = next(model.parameters()).device
+    device = input_device(model)
     final = HOOK.format(layer=model.cfg.n_layers - 1)
     state: dict = {}
 

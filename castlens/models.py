@@ -315,7 +315,7 @@ def _convert(spec: ModelSpec, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_embedded(spec: ModelSpec, dtype: Any) -> tuple[Any, Any]:
+def _load_embedded(spec: ModelSpec, dtype: Any, placement: dict[str, Any]) -> tuple[Any, Any]:
     """An embedded model from the local cache, creating the cache from its GGUF file on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -323,7 +323,7 @@ def _load_embedded(spec: ModelSpec, dtype: Any) -> tuple[Any, Any]:
     if not (target / "config.json").is_file():
         _convert(spec, target)
     tok = AutoTokenizer.from_pretrained(target)
-    hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **placement)
     return hf, tok
 
 
@@ -452,7 +452,7 @@ def local_model_name(folder: str | os.PathLike) -> str:
     return f"{m.group(1)}/{m.group(2)}" if m else str(path)
 
 
-def _load_local(folder: Path, dtype: Any) -> tuple[Any, Any]:
+def _load_local(folder: Path, dtype: Any, placement: dict[str, Any]) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (folder / "config.json").is_file():
@@ -466,7 +466,7 @@ def _load_local(folder: Path, dtype: Any) -> tuple[Any, Any]:
     if not any((folder / f).is_file() for f in _WEIGHT_FILES):
         raise ModelError(f"model folder {folder} has no weights (none of {', '.join(_WEIGHT_FILES)})")
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **placement)
     return hf, tok
 
 
@@ -486,7 +486,7 @@ def _table_hint(name: str) -> str:
     return f" The embedded {by_id[close[0]]!r} is a quantized {close[0]}." if close else ""
 
 
-def _load_hub(name: str, dtype: Any) -> tuple[Any, Any]:
+def _load_hub(name: str, dtype: Any, placement: dict[str, Any]) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     local_only = not _hub_reachable()
@@ -501,7 +501,7 @@ def _load_hub(name: str, dtype: Any) -> tuple[Any, Any]:
     _check_causal(config, f"model {name!r}")
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only, **placement)
     except (OSError, ValueError) as err:
         raise ModelError(f"model {name!r}: its config is available but its tokenizer or weights are not "
                          f"({err})") from err
@@ -520,55 +520,207 @@ def model_spec(name: str) -> ModelSpec:
                      "Face id like 'org/name'.")
 
 
-def _load(name: str, dtype: Any, seed: int) -> tuple[Any, Any, str, ModelSpec | None]:
-    """The Hugging Face model, tokenizer, castlens name and table row behind ``name``."""
+def _load(name: str, dtype: Any, seed: int, placement: dict[str, Any] | None = None
+          ) -> tuple[Any, Any, str, ModelSpec | None]:
+    """The Hugging Face model, tokenizer, castlens name and table row behind ``name``.
+
+    ``placement`` (``device_map``, ``max_memory``, ``offload_folder``) is handed to ``from_pretrained`` for
+    models read from files, which then loads each weight straight to its place; a model built in code is
+    built on the CPU and dispatched by accelerate (:func:`_dispatch`)."""
+    placement = placement or {}
     if name in MODELS:
         spec = MODELS[name]
         if spec.build is not None:
             hf, tok = spec.build(seed)
-            hf = hf.to(dtype)
+            _cast_parameters(hf, dtype)
+            if placement:
+                _dispatch(hf, **placement)
         else:
-            hf, tok = _load_embedded(spec, dtype)
+            hf, tok = _load_embedded(spec, dtype, placement)
         _check_tokenizer(spec, tok)
         return hf, tok, name, spec
     folder = Path(name).expanduser()
     if folder.is_dir():
-        hf, tok = _load_local(folder, dtype)
+        hf, tok = _load_local(folder, dtype, placement)
         return hf, tok, local_model_name(folder), None
     if _looks_like_path(name):
         raise ModelError(f"model folder {name} does not exist (resolved: {folder.resolve()})")
     if "/" not in name:
         model_spec(name)  # raises, with a did-you-mean
-    hf, tok = _load_hub(name, dtype)
+    hf, tok = _load_hub(name, dtype, placement)
     return hf, tok, name, None
 
 
-def load_hf(name: str = DEFAULT_MODEL, dtype: Any = None, seed: int = 0) -> tuple[Any, Any]:
-    """The plain Hugging Face model and tokenizer behind ``name`` (not wrapped by TransformerLens)."""
+def _cast_parameters(hf: Any, dtype: Any) -> None:
+    """Cast ``hf``'s floating-point parameters to ``dtype`` and leave its buffers alone, as ``from_pretrained``
+    does: a rotary embedding's ``inv_freq`` stays float32 (``hf.to(torch.bfloat16)`` would round the
+    frequencies themselves to 3 significant digits, and every position's rotation with them)."""
+    for p in hf.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def _dtype(dtype: Any) -> Any:
+    """``dtype`` as a ``torch.dtype`` (a name such as ``"bfloat16"`` is looked up in torch); default float32."""
     import torch
 
-    hf, tok, _, _ = _load(name, dtype or torch.float32, seed)
+    if dtype is None:
+        return torch.float32
+    found = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype or its name (float32, bfloat16, float16), "
+                         f"got {dtype!r}")
+    return found
+
+
+def _check_device_map(device_map: Any, offload_folder: Any) -> None:
+    """Refuse a device map the bridge cannot run, before any weight is read where the map is known.
+
+    TransformerLens 4.3's bridge refuses a map that puts some modules on a GPU and offloads others to the CPU
+    or disk (``transformer_lens.utilities.multi_gpu.MIXED_OFFLOAD_GPU_ERROR``: upstream has verified offload on
+    CPU-only machines only); castlens says so with what to do instead. Disk entries need an offload folder."""
+    from transformer_lens.utilities.multi_gpu import is_mixed_offload_gpu
+
+    if not isinstance(device_map, dict):
+        return
+    values = [str(v) if not isinstance(v, int) else v for v in device_map.values()]
+    if is_mixed_offload_gpu(values):
+        offloaded = sorted(k for k, v in device_map.items() if str(v).lower() in ("cpu", "disk"))
+        raise ModelError(
+            f"device_map offloads {', '.join(offloaded) or 'modules'} to the CPU or disk while other modules are "
+            "on a GPU: TransformerLens 4.3's TransformerBridge refuses such a mixed map (it has verified offload "
+            "only on machines without a GPU). Give the GPU(s) room for the whole model (max_memory, or "
+            "dtype='bfloat16'), or place every module on 'cpu'/'disk'")
+    if "disk" in values and offload_folder is None:
+        disk = sorted(k for k, v in device_map.items() if v == "disk")
+        raise ModelError(f"device_map puts {', '.join(disk)} on 'disk': pass offload_folder=<a folder> to write "
+                         "their weights to")
+
+
+def _dispatch(hf: Any, device_map: Any, max_memory: Any = None, offload_folder: Any = None) -> None:
+    """Place a model built in code by ``device_map`` with accelerate, as ``from_pretrained(device_map=...)``
+    would: a string (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) is resolved by
+    :func:`accelerate.infer_auto_device_map` within ``max_memory``, keeping each decoder layer whole; modules
+    mapped to ``"disk"`` have their weights written to ``offload_folder`` and read back around each use."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory, get_max_memory
+
+    if isinstance(device_map, str):
+        no_split = list(getattr(hf, "_no_split_modules", None) or [])
+        if device_map == "sequential":
+            budget = get_max_memory(max_memory)
+        else:
+            budget = get_balanced_memory(hf, max_memory=max_memory, no_split_module_classes=no_split,
+                                         low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(hf, max_memory=budget, no_split_module_classes=no_split)
+    _check_device_map(device_map, offload_folder)
+    dispatch_model(hf, device_map=device_map, offload_dir=offload_folder,
+                   skip_keys=getattr(hf, "_skip_keys_device_placement", None))
+
+
+def _execution_device(module: Any) -> Any:
+    """The device ``module`` computes on: its accelerate hook's execution device where it has one (an
+    offloaded module's parameters sit on ``meta`` between calls), else that of its first real parameter."""
+    import torch
+
+    wrapped = getattr(module, "original_component", None)  # a bridge component: the module it wraps
+    module = module if wrapped is None else wrapped
+    hooks = [getattr(module, "_hf_hook", None)]
+    while hooks:
+        hook = hooks.pop()
+        hooks.extend(getattr(hook, "hooks", ()))  # a SequentialHook holds several
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    real = (p.device for p in module.parameters() if p.device.type != "meta")
+    return next(real, None)
+
+
+def input_device(model: "TransformerBridge") -> Any:
+    """The device token ids (and attention masks, position ids, prompt ends) go to: where the model's input
+    embedding runs.
+
+    On one device that is the device of every parameter. With a ``device_map`` layers live on several
+    devices, and a disk- or CPU-offloaded module holds ``meta`` placeholders outside its forward pass, so
+    ``next(model.parameters()).device`` may be another GPU than the embedding's, or ``meta``. castlens calls
+    this wherever it builds an input tensor; accelerate's hooks carry activations from layer to layer."""
+    import torch
+
+    embed = getattr(model, "embed", None)
+    if embed is None and hasattr(model, "get_input_embeddings"):
+        embed = model.get_input_embeddings()
+    device = _execution_device(embed) if embed is not None else None
+    if device is None:
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    return device
+
+
+def load_hf(name: str = DEFAULT_MODEL, dtype: Any = None, seed: int = 0) -> tuple[Any, Any]:
+    """The plain Hugging Face model and tokenizer behind ``name`` (not wrapped by TransformerLens), on the CPU,
+    its floating-point parameters in ``dtype`` (default float32; buffers such as rotary frequencies as the
+    model keeps them)."""
+    hf, tok, _, _ = _load(name, _dtype(dtype), seed)
     return hf, tok
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any = None, seed: int = 0
-               ) -> "TransformerBridge":
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any = None, seed: int = 0,
+               device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, Any] | None = None,
+               offload_folder: str | os.PathLike | None = None) -> "TransformerBridge":
     """Load ``name`` as a TransformerLens ``TransformerBridge`` (hook names ``blocks.{L}.hook_resid_post`` ...).
 
-    ``device`` defaults to CUDA when available; ``dtype`` to float32 (``torch.bfloat16`` works too). The
-    model's castlens name (:func:`model_name`) is written into every saved vector.
+    The model's castlens name (:func:`model_name`) is written into every saved vector.
+
+    **One device** (the default): ``device`` defaults to CUDA when available, else the CPU.
+
+    **Several devices, or more weights than memory**: ``device_map`` places the model with accelerate's
+    big-model path instead (``device`` and ``device_map`` exclude each other). It is what
+    ``from_pretrained(device_map=...)`` takes: ``"auto"`` (fill the GPUs, then the CPU, then the disk, within
+    ``max_memory``, e.g. ``{0: "60GiB", "cpu": "100GiB"}``), ``"balanced"``, ``"sequential"``, or a dict from
+    module names to devices (``{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}``; ``"cpu"``
+    and ``"disk"`` are accepted, ``"disk"`` with ``offload_folder``). Models read from files are loaded straight
+    to their places; the random test models are built on the CPU and dispatched. Every hook fires on the device
+    its layer runs on and castlens moves what it adds there (a steering vector to that layer's device and
+    dtype); inputs go where the embedding runs (:func:`input_device`); activations and scores come back on
+    the CPU in float32 as on one device. An offloaded layer's weights are on ``meta`` outside its forward
+    pass: code that reads weights directly (``W_O``, ``named_parameters()``) must go through accelerate
+    (``accelerate.utils.align_module_device``). A map mixing GPU modules with CPU- or disk-offloaded ones is
+    refused (TransformerLens 4.3's bridge does not accept it); on a machine without a GPU, CPU and disk maps
+    work, and give the numbers of a plain load (tested to 1e-5 in ``tests/test_dispatch.py``).
+
+    **dtype**: float32 by default; ``"bfloat16"`` (or ``torch.bfloat16``) halves memory and runs every castlens
+    path (sdpa attention, the shared-prefix and last-token reuse of :mod:`castlens.reuse`, KV-cache
+    generation) in bfloat16. Only floating-point parameters are cast: rotary frequencies stay float32, as in
+    ``from_pretrained``. What castlens adds into the residual stream is computed in float32 and rounded once
+    to the residual's dtype; attention masks take the model's dtype; activations and log-probabilities are
+    returned in float32. bfloat16 keeps about 3 significant digits, so expect residuals to differ from a
+    float32 load by about 1% of their magnitude and near-tied option scores or greedy tokens to flip.
     """
     import torch
     from transformer_lens.model_bridge import TransformerBridge
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    hf, tok, recorded, spec = _load(name, dtype or torch.float32, seed)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    hf = hf.to(device).eval()
-    # tokenizer= with hf_model= keeps the bridge from asking the hub for one.
-    bridge = TransformerBridge.boot_transformers(spec.hf_id if spec else name, hf_model=hf, tokenizer=tok)
+    if device is not None and device_map is not None:
+        raise ValueError(f"load_model: pass device ({device!r}) or device_map ({device_map!r}), not both: "
+                         "device puts the whole model on one device, device_map spreads it over several")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("load_model: max_memory and offload_folder only apply with a device_map")
+    dtype = _dtype(dtype)
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        _check_device_map(device_map, offload_folder)
+        placement = {"device_map": device_map, "max_memory": max_memory,
+                     "offload_folder": None if offload_folder is None else str(offload_folder)}
+    hf, tok, recorded, spec = _load(name, dtype, seed, placement)
+    if device_map is None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        hf = hf.to(device)
+    else:
+        _check_device_map(getattr(hf, "hf_device_map", None), offload_folder)  # what "auto" resolved to
+    hf.eval()
+    # tokenizer= with hf_model= keeps the bridge from asking the hub for one; dtype= only records it in cfg.
+    bridge = TransformerBridge.boot_transformers(spec.hf_id if spec else name, hf_model=hf, tokenizer=tok,
+                                                 device=device, dtype=dtype)
     bridge.eval()
+    bridge.cfg.device = str(input_device(bridge))  # under disk offload the bridge records "meta"
     # The bridge re-creates its tokenizer with add_bos_token=True (a doubled BOS in SmolLM2 chat prompts). castlens
     # tokenizes through this one original tokenizer only and hands the bridge token ids, never strings.
     register(bridge, recorded, tok, spec)

@@ -45,7 +45,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from castlens.activations import HOOK, StopForward, check_lengths, length_sorted_batches
-from castlens.models import pad_id, residual_stream_only
+from castlens.models import input_device, pad_id, residual_stream_only
 from castlens.steering import steering
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def _attention_mask(model: TransformerBridge, mask: Tensor, pos: Tensor) -> Tens
     A key is visible to a query if it is a real token, not later in the row (causal), and, on a sliding layer,
     less than ``window`` positions back. A real token's position is the count of real tokens before it, which is
     how every layout here assigns positions (prefix, left-padded body, right-padded last-token chunk)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     types = _layer_types(model)
     if types is None:
         return mask.to(device)
@@ -135,7 +135,7 @@ def _forward(model: TransformerBridge, ids: Tensor, mask: Tensor, pos: Tensor, k
     ``read`` = [(row, start, n)] spans (concatenated rows) and the residual at the last column for
     ``resid_layers``. No unembedding is computed here; a pass that only reads ``resid_layers`` stops after the
     deepest of them (its cache is then incomplete and must not be reused)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     if isinstance(kv, DynamicCache):
         cache = kv
         for layer in _layers(cache):

@@ -258,14 +258,17 @@ def steering(model, vector: SteeringVector | Float[Tensor, "layer d_model"], lay
                                  "positions")
             sel = _selection(x, positions)
             x = x.clone()
+            v = directions[layer].to(x.device, torch.float32)  # this layer's device: layers may live on several
             if mode == "replace":
-                x[sel] = directions[layer].to(x.device, x.dtype)
+                x[sel] = v.to(x.dtype)
                 return x
-            h = x[sel]
-            new = h + (strength * directions[layer]).to(x.device, x.dtype)
+            # In float32, rounded once to the residual's dtype: in bfloat16 the vector would be rounded before the
+            # addition and the norms of norm_preserving would keep 3 significant digits.
+            h = x[sel].float()
+            new = h + strength * v
             if norm_preserving:
                 new = new * (h.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-            x[sel] = new
+            x[sel] = new.to(x.dtype)
             return x
         return hook
 
@@ -323,7 +326,7 @@ def generate(model, prompt_ids: Sequence[int] | Int[Tensor, " pos"] | Int[Tensor
     the first forward pass. Returns the ``max_new_tokens`` new token ids."""
     from transformers import DynamicCache
 
-    from castlens.models import residual_stream_only
+    from castlens.models import input_device, residual_stream_only
 
     if positions not in ("all", "last"):
         raise ValueError(f"positions must be 'all' or 'last' for generation, got {positions!r}")
@@ -341,7 +344,7 @@ def generate(model, prompt_ids: Sequence[int] | Int[Tensor, " pos"] | Int[Tensor
             raise ValueError(f"mode must be 'add' or 'replace', got {mode!r}")
     if max_new_tokens == 0:
         return []
-    device = next(model.parameters()).device
+    device = input_device(model)
     cache, ids, new = DynamicCache(), torch.tensor([ids_list], device=device), []
     last = torch.tensor([len(ids_list) - 1], device=device)
 

@@ -7,7 +7,8 @@ body."""
 
 import pytest
 import torch
-from conftest import hf_last_token_states, plain_hf
+from conftest import TINY_MODELS, hf_last_token_states, plain_hf
+from test_steering import DTYPES, assert_close, plain_ref, short, tiny_model
 
 from castlens.activations import last_token_resid
 from castlens.evaluation import option_logprobs
@@ -29,9 +30,19 @@ def make_pieces(tiny):
     return prefix, queries, opts, [[enc(tiny, " " + o) for o in os_] for os_ in opts]
 
 
+CASES = [(name, dtype) for dtype in DTYPES for name in TINY_MODELS]  # float32 first, then bfloat16
+FLOAT32, BFLOAT16 = CASES[:len(TINY_MODELS)], CASES[len(TINY_MODELS):]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(map(short, c)))
+def model(request):
+    """Each random test model in float32 and in bfloat16 (tolerances per dtype: test_steering.TOLERANCE)."""
+    return tiny_model(request, *request.param)
+
+
 @pytest.fixture(scope="module")
-def pieces(tiny_any):
-    return make_pieces(tiny_any)
+def pieces(model):
+    return make_pieces(model)
 
 
 def manual(ref, ids, cont, steer=None):
@@ -57,54 +68,65 @@ def manual(ref, ids, cont, steer=None):
     return float(sum(lp[len(ids) - 1 + j, t] for j, t in enumerate(cont)))
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 16])
-def test_unsteered_scores_equal_the_plain_full_prompt_path(tiny_any, pieces, batch_size):
+UNSTEERED_CASES = [(c, bs) for c in FLOAT32 for bs in (1, 2, 16)] + [(c, bs) for c in BFLOAT16 for bs in (1, 16)]
+
+
+@pytest.mark.parametrize("model,batch_size", UNSTEERED_CASES, indirect=["model"],
+                         ids=[f"{'-'.join(map(short, c))}-{bs}" for c, bs in UNSTEERED_CASES])
+def test_unsteered_scores_equal_the_plain_full_prompt_path(model, pieces, batch_size):
     prefix, queries, opts, opt_ids = pieces
-    plain = option_logprobs(tiny_any, [prefix + q for q in queries], opts)
-    fast = prefix_option_logprobs(tiny_any, prefix, queries, opt_ids, batch_size=batch_size)[0]
+    plain = option_logprobs(model, [prefix + q for q in queries], opts)
+    fast = prefix_option_logprobs(model, prefix, queries, opt_ids, batch_size=batch_size)[0]
     assert torch.isinf(fast).equal(torch.isinf(plain))
     fin = torch.isfinite(plain)
-    assert (fast[fin] - plain[fin]).abs().max() < 1e-4
+    assert_close(fast[fin], plain[fin], model.cfg.dtype)
 
 
-def test_empty_prefix_and_single_token_options(tiny_any, pieces):
+def test_empty_prefix_and_single_token_options(model, pieces):
     _, queries, _, _ = pieces
     letters = [["A", "B", "C"]] * len(queries)
-    ids = [[enc(tiny_any, o) for o in os_] for os_ in letters]  # byte-level: one token each
+    ids = [[enc(model, o) for o in os_] for os_ in letters]  # byte-level: one token each
     assert all(len(o) == 1 for os_ in ids for o in os_)  # the one-position read path
-    plain = option_logprobs(tiny_any, queries, letters, sep="")
-    fast = prefix_option_logprobs(tiny_any, [], queries, ids, batch_size=2)[0]
-    assert (fast - plain).abs().max() < 1e-4
+    plain = option_logprobs(model, queries, letters, sep="")
+    fast = prefix_option_logprobs(model, [], queries, ids, batch_size=2)[0]
+    assert_close(fast, plain, model.cfg.dtype)
 
 
-@pytest.mark.parametrize("mode", ["add", "replace"])
-def test_steered_settings_equal_one_steered_full_forward_each(tiny_any, pieces, mode):
+STEERED_CASES = [(c, mode) for c in FLOAT32 for mode in ("add", "replace")] + [(BFLOAT16[0], "add")]
+
+
+# bfloat16: tiny-llama adding (the plain reference runs one forward per setting, query and option: 13 s on
+# tiny-gemma3); tiny-gemma3's windows in bfloat16 are checked against transformers unsteered below.
+@pytest.mark.parametrize("model,mode", STEERED_CASES, indirect=["model"],
+                         ids=[f"{'-'.join(map(short, c))}-{m}" for c, m in STEERED_CASES])
+def test_steered_settings_equal_one_steered_full_forward_each(model, pieces, mode):
     prefix, queries, _, opt_ids = pieces
     g = torch.Generator().manual_seed(1)
     v1, v2 = torch.randn(4, 64, generator=g) * 4, torch.randn(4, 64, generator=g) * 4
     settings = [Setting("a", v1, 1, 2.0, mode), UNSTEERED, Setting("b", v2, 3, -1.5, mode),
                 Setting("c", v1, 0, 1, mode)]
-    fast = prefix_option_logprobs(tiny_any, prefix, queries, opt_ids, settings, batch_size=3)
-    ref = plain_hf(tiny_any)
+    fast = prefix_option_logprobs(model, prefix, queries, opt_ids, settings, batch_size=3)
+    ref = plain_ref(model)
     for s_i, s in enumerate(settings):
+        steer = None if s.directions is None else (s.directions, s.layer, s.strength, mode)
         for q, (ids, opts) in enumerate(zip(queries, opt_ids)):
-            for j, o in enumerate(opts):
-                steer = None if s.directions is None else (s.directions, s.layer, s.strength, mode)
-                want = manual(ref, prefix + ids, o, steer)
-                assert abs(float(fast[s_i, q, j]) - want) < 1e-4, (s.name, q, j)
+            want = torch.tensor([manual(ref, prefix + ids, o, steer) for o in opts])
+            assert_close(fast[s_i, q, :len(opts)], want, model.cfg.dtype, (s.name, q))
     fin = torch.isfinite(fast[1])
     assert (fast[0][fin] - fast[1][fin]).abs().max() > 1e-3  # steering did change the scores
 
 
-def test_last_token_resid_equals_the_plain_path(tiny_any, pieces):
+def test_last_token_resid_equals_the_plain_path(model, pieces):
     prefix, queries, _, _ = pieces
-    plain = last_token_resid(tiny_any, [prefix + q for q in queries])
+    dtype = model.cfg.dtype
+    plain = last_token_resid(model, [prefix + q for q in queries])
     for bs in (1, 4):
-        fast = prefix_last_token_resid(tiny_any, prefix, queries, batch_size=bs)
-        assert (fast - plain).abs().max() < 1e-4
-    some = prefix_last_token_resid(tiny_any, prefix, queries, layers=[2, 0])
-    assert (some - plain[:, [2, 0]]).abs().max() < 1e-4
-    assert (prefix_last_token_resid(tiny_any, [], queries) - last_token_resid(tiny_any, queries)).abs().max() < 1e-4
+        fast = prefix_last_token_resid(model, prefix, queries, batch_size=bs)
+        assert fast.dtype == torch.float32
+        assert_close(fast, plain, dtype, bs)
+    some = prefix_last_token_resid(model, prefix, queries, layers=[2, 0])
+    assert_close(some, plain[:, [2, 0]], dtype)
+    assert_close(prefix_last_token_resid(model, [], queries), last_token_resid(model, queries), dtype)
 
 
 def test_bad_input(tiny):
@@ -131,20 +153,22 @@ def test_options_share_rows_when_one_is_a_prefix_path_of_another():
     assert rows == [(0, [1]), (0, [3])]
 
 
-def test_reuse_equals_plain_transformers_unpadded(tiny_any, pieces):
+def test_reuse_equals_plain_transformers_unpadded(model, pieces):
     """Independent of TransformerLens and of castlens' padding: one unpadded plain Hugging Face forward per query
     (its own masks, its own sliding window), against the prefix + body + last-token passes."""
     prefix, queries, _, opt_ids = pieces
-    ref = plain_hf(tiny_any)
-    fast = prefix_option_logprobs(tiny_any, prefix, queries, opt_ids, batch_size=3)[0]
-    resid = prefix_last_token_resid(tiny_any, prefix, queries, batch_size=3)
+    dtype = model.cfg.dtype
+    ref = plain_ref(model)
+    fast = prefix_option_logprobs(model, prefix, queries, opt_ids, batch_size=3)[0]
+    resid = prefix_last_token_resid(model, prefix, queries, batch_size=3)
     for q, (ids, opts) in enumerate(zip(queries, opt_ids)):
-        assert (resid[q] - hf_last_token_states(ref, prefix + ids)).abs().max() < 1e-4, q
-        for j, o in enumerate(opts):
+        assert_close(resid[q], hf_last_token_states(ref, prefix + ids), dtype, q)
+        want = []
+        for o in opts:
             with torch.no_grad():
                 lp = torch.log_softmax(ref(torch.tensor([prefix + ids + o])).logits[0].float(), -1)
-            want = sum(float(lp[len(prefix) + len(ids) - 1 + t, tok]) for t, tok in enumerate(o))
-            assert abs(float(fast[q, j]) - want) < 1e-4, (q, j)
+            want.append(sum(float(lp[len(prefix) + len(ids) - 1 + t, tok]) for t, tok in enumerate(o)))
+        assert_close(fast[q, :len(opts)], torch.tensor(want), dtype, q)
 
 
 def test_the_window_is_what_these_prompts_test(tiny_gemma3):

@@ -1,12 +1,91 @@
+import functools
+
 import pytest
 import torch
 
 from castlens.activations import last_token_resid, pad_batch, tokenize
-from castlens.models import residual_stream_only, tiny_hf_model
+from castlens.models import load_hf, load_model, model_name, residual_stream_only
 from castlens.steering import steering
 from castlens.vectors import SteeringVector, VectorFileError
 
 PROMPTS = ["Give the opposite of the word.\n\nhot\nAnswer:", "a b c d e f g h"]
+
+# ---------------------------------------------------------------- one test, float32 and bfloat16
+# Two computations of the same numbers (batched and one by one, sdpa and a plain transformers forward, a KV cache
+# and a full pass) agree when |got - want| <= atol + rtol * max|want|, per dtype:
+# * float32: 1e-4 absolute. Float32 keeps 7 significant digits; reordered sums differ by about 1e-6.
+# * bfloat16: 4 units in the last place of the largest value compared (rtol 2^-5). bfloat16 keeps 8 significant
+#   bits (about 3 digits), and each matmul, norm and layer rounds its output again, so two computations that round
+#   at different points differ by a few units of the largest value's last place, and smaller entries inherit that
+#   absolute error (a relative bound per entry would fail on them). Measured on the tiny models: at most 2.3 units
+#   (0.07 on last-token residuals of magnitude 7.3, tiny-gemma3; 0.04 on option log-probabilities of 25).
+# Greedy tokens: exactly the reference's argmax in float32. In bfloat16 a near-tie can go either way, so each
+# chosen token's reference logit must be within the tolerance of the reference's largest logit (every step of the
+# reference is conditioned on the tokens generated, so one flip at a tie cannot cascade into a false failure).
+DTYPES = (torch.float32, torch.bfloat16)
+TOLERANCE = {torch.float32: (1e-4, 0.0), torch.bfloat16: (1e-4, 2 ** -5)}
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: object = "") -> None:
+    """``got`` equals the independent ``want`` within the tolerance of ``dtype`` (see TOLERANCE)."""
+    atol, rtol = TOLERANCE[dtype]
+    got, want = got.detach().float(), want.detach().float()
+    assert got.shape == want.shape, what
+    err, bound = float((got - want).abs().max()), atol + rtol * float(want.abs().max())
+    assert err <= bound, f"{what}: max difference {err:.3g} > {bound:.3g} ({dtype})"
+
+
+def assert_greedy(new: list[int], logits: torch.Tensor, dtype: torch.dtype) -> None:
+    """``new`` is what greedy decoding picks from ``logits`` [step, vocab] of an independent full forward."""
+    if dtype == torch.float32:
+        assert logits.argmax(-1).tolist() == new
+        return
+    logits = logits.float()
+    chosen = logits[torch.arange(len(new)), torch.tensor(new)]
+    atol, rtol = TOLERANCE[dtype]
+    assert float((logits.max(-1).values - chosen).max()) <= atol + rtol * float(logits.abs().max()), new
+
+
+@functools.cache
+def _loaded(name: str, dtype: torch.dtype):
+    return load_model(name, device="cpu", dtype=dtype)
+
+
+def tiny_model(request, name: str, dtype: torch.dtype):
+    """The random test model ``name`` in ``dtype``: the session's own bridge in float32, another loaded once."""
+    if dtype == torch.float32:
+        return request.getfixturevalue("tiny" if name == "tiny-llama" else "tiny_gemma3")
+    return _loaded(name, dtype)
+
+
+def plain_ref(model):
+    """Independent reference: the plain transformers model behind a tiny bridge, in the bridge's dtype."""
+    return load_hf(model_name(model), dtype=model.cfg.dtype)[0]
+
+
+def short(value: object) -> str:
+    """A test id: ``bfloat16`` for ``torch.bfloat16``, names as they are."""
+    return str(value).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_a_bfloat16_test_model_is_what_from_pretrained_loads(name, tmp_path):
+    """A model built in code and cast to bfloat16 equals the same weights saved and read back by transformers'
+    ``from_pretrained(dtype=torch.bfloat16)`` (the path of every real model), to the bit: only parameters are
+    cast; rotary frequencies stay float32 (``model.to(torch.bfloat16)`` rounds them: logits then differ by 0.07)."""
+    from transformers import AutoModelForCausalLM
+
+    load_hf(name)[0].save_pretrained(tmp_path)
+    want = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ids = torch.tensor([list(range(20, 120))])
+    with torch.no_grad():
+        assert torch.equal(load_hf(name, dtype=torch.bfloat16)[0](ids).logits, want(ids).logits)
+
+
+@pytest.fixture(scope="module", params=DTYPES, ids=short)
+def llama(request):
+    """tiny-llama in float32 and in bfloat16: ``(model, dtype)``."""
+    return tiny_model(request, "tiny-llama", request.param), request.param
 
 
 def resid_all_positions(model, ids):
@@ -34,6 +113,22 @@ def test_changes_only_from_the_layer_on_and_only_at_chosen_positions(tiny):
     assert torch.allclose(all_pos[1] - base[1], v[1].expand_as(base[1]), atol=1e-5)
 
 
+def test_in_bfloat16_the_vector_is_added_in_float32_and_rounded_once(request):
+    """In a bfloat16 model the steered residual is ``bfloat16(float32(h) + strength * v)``: one rounding, not a
+    rounded vector added with a second rounding (which moves some entries by one unit in the last place)."""
+    model = tiny_model(request, "tiny-llama", torch.bfloat16)
+    ids = tokenize(model, PROMPTS[:1])[0]
+    v = torch.randn(4, 64, generator=torch.Generator().manual_seed(13))
+    base = resid_all_positions(model, ids)
+    with steering(model, v, layers=2, strength=3.0, positions="last"):
+        steered = resid_all_positions(model, ids)
+    assert steered.dtype == torch.bfloat16 and torch.equal(steered[:2], base[:2])
+    assert torch.equal(steered[2, -1], (base[2, -1].float() + 3.0 * v[2]).to(torch.bfloat16))
+    with steering(model, v, layers=2, strength=3.0, positions="last", norm_preserving=True):
+        kept = resid_all_positions(model, ids)[2, -1].float()
+    assert abs(float(kept.norm() / base[2, -1].float().norm()) - 1) < 2 ** -8  # one bfloat16 rounding of the norm
+
+
 def test_linear_in_strength_and_zero_is_identity(tiny):
     v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model)
     base = last_token_resid(tiny, PROMPTS)
@@ -48,15 +143,16 @@ def test_linear_in_strength_and_zero_is_identity(tiny):
         assert torch.allclose(out[:, 1] - base[:, 1], s * v[1].expand(2, -1), atol=1e-4)
 
 
-def test_equals_a_plain_transformers_hook(tiny):
+def test_equals_a_plain_transformers_hook(llama):
     """Independent computation: the same addition through a torch forward hook on the unwrapped HF layer."""
-    ref = tiny_hf_model(seed=0)
-    v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model)
-    ids = torch.tensor(tokenize(tiny, PROMPTS[:1]))
+    model, dtype = llama
+    ref = plain_ref(model)
+    v = torch.randn(model.cfg.n_layers, model.cfg.d_model)
+    ids = torch.tensor(tokenize(model, PROMPTS[:1]))
 
     def add(module, inputs, output):
         hs = output[0] if isinstance(output, tuple) else output
-        hs = hs + 2.0 * v[2]
+        hs = (hs + 2.0 * v[2]).to(hs.dtype)  # the sum in float32, rounded once (as castlens does)
         return (hs, *output[1:]) if isinstance(output, tuple) else hs
 
     h = ref.model.layers[2].register_forward_hook(add)
@@ -65,23 +161,26 @@ def test_equals_a_plain_transformers_hook(tiny):
             want = ref(ids).logits
     finally:
         h.remove()
-    with torch.no_grad(), steering(tiny, v, layers=2, strength=2.0):
-        got = tiny(ids)
-    with torch.no_grad(), residual_stream_only(tiny), steering(tiny, v, layers=2, strength=2.0):
-        got_sdpa = tiny(ids)
-    assert (got - want).abs().max() < 1e-4 and (got_sdpa - want).abs().max() < 1e-4
+    with torch.no_grad(), steering(model, v, layers=2, strength=2.0):
+        got = model(ids)
+    with torch.no_grad(), residual_stream_only(model), steering(model, v, layers=2, strength=2.0):
+        got_sdpa = model(ids)
+    assert got.dtype == dtype
+    assert_close(got, want, dtype)
+    assert_close(got_sdpa, want, dtype)
 
 
-def test_per_row_positions_under_right_padding(tiny):
-    seqs = tokenize(tiny, PROMPTS)
+def test_per_row_positions_under_right_padding(llama):
+    model, dtype = llama
+    seqs = tokenize(model, PROMPTS)
     ids, mask, last = pad_batch(seqs, 258, "right")
-    v = torch.randn(tiny.cfg.n_layers, tiny.cfg.d_model)
-    with steering(tiny, v, layers=3, strength=1.0, positions=last):
-        batched = tiny(ids, attention_mask=mask)
+    v = torch.randn(model.cfg.n_layers, model.cfg.d_model)
+    with steering(model, v, layers=3, strength=1.0, positions=last):
+        batched = model(ids, attention_mask=mask)
     for i, s in enumerate(seqs):
-        with steering(tiny, v, layers=3, strength=1.0, positions="last"):
-            alone = tiny(torch.tensor([s]))
-        assert (batched[i, len(s) - 1] - alone[0, -1]).abs().max() < 1e-4
+        with steering(model, v, layers=3, strength=1.0, positions="last"):
+            alone = model(torch.tensor([s]))
+        assert_close(batched[i, len(s) - 1], alone[0, -1], dtype, i)
 
 
 def test_norm_preserving_keeps_the_norm(tiny):
@@ -176,22 +275,24 @@ def hf_resid_steered_at(ref, ids, layer, add, at):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_last_token_resid_and_mean_resid_steer_each_rows_prompt_end(tiny, padding_side):
+def test_last_token_resid_and_mean_resid_steer_each_rows_prompt_end(llama, padding_side):
     from castlens.activations import mean_resid
 
-    ref = tiny_hf_model(seed=0)
+    model, dtype = llama
+    ref = plain_ref(model)
     prompts = ["short", "a somewhat longer prompt", "mid length"]
-    seqs = tokenize(tiny, prompts)
+    seqs = tokenize(model, prompts)
     v = torch.randn(4, 64, generator=torch.Generator().manual_seed(5)) * 2
-    with steering(tiny, v, layers=1, strength=3.0, positions="last"):
-        acts = last_token_resid(tiny, prompts, batch_size=3, padding_side=padding_side)
-        means = mean_resid(tiny, prompts, layer=2, batch_size=3, skip=0)
+    with steering(model, v, layers=1, strength=3.0, positions="last"):
+        acts = last_token_resid(model, prompts, batch_size=3, padding_side=padding_side)
+        means = mean_resid(model, prompts, layer=2, batch_size=3, skip=0)
+    assert acts.dtype == means.dtype == torch.float32
     for i, ids in enumerate(seqs):
-        want = hf_resid_steered_at(ref, ids, 1, 3.0 * v[1], len(ids) - 1)
-        assert (acts[i] - want[:, -1]).abs().max() < 1e-4
-        assert (means[i] - want[2].mean(0)).abs().max() < 1e-4
-    base = last_token_resid(tiny, prompts)
-    assert torch.allclose(acts[:, 1] - base[:, 1], 3.0 * v[1].expand(3, -1), atol=1e-4)  # each row's own end
+        want = hf_resid_steered_at(ref, ids, 1, 3.0 * v[1], len(ids) - 1).float()
+        assert_close(acts[i], want[:, -1], dtype, i)
+        assert_close(means[i], want[2].mean(0), dtype, i)
+    base = last_token_resid(model, prompts)
+    assert_close(acts[:, 1] - base[:, 1], 3.0 * v[1].expand(3, -1), dtype)  # each row's own end
 
 
 def test_last_in_a_plain_batched_forward_is_refused_and_a_single_row_works(tiny):
@@ -250,7 +351,7 @@ def plain_steered_logits(ref, ids, v, layer, strength, at):
     def add(module, inputs, output):
         hs = (output[0] if isinstance(output, tuple) else output).clone()
         sel = slice(None) if at is None else at
-        hs[:, sel] = hs[:, sel] + strength * v[layer]
+        hs[:, sel] = (hs[:, sel] + strength * v[layer]).to(hs.dtype)  # float32 sum, rounded once (bfloat16 models)
         return (hs, *output[1:]) if isinstance(output, tuple) else hs
 
     h = ref.model.layers[layer].register_forward_hook(add)
@@ -261,32 +362,40 @@ def plain_steered_logits(ref, ids, v, layer, strength, at):
         h.remove()
 
 
-def test_steering_equals_a_plain_transformers_hook_past_the_window(tiny_any):
-    from conftest import plain_hf
+WINDOW_CASES = [(name, dtype) for dtype in DTYPES for name in ("tiny-llama", "tiny-gemma3")]
 
-    ids = tokenize(tiny_any, [PROMPTS[0] * 2])[0]
+
+@pytest.mark.parametrize("name,dtype", WINDOW_CASES, ids=short)
+def test_steering_equals_a_plain_transformers_hook_past_the_window(request, name, dtype):
+    model = tiny_model(request, name, dtype)
+    ids = tokenize(model, [PROMPTS[0] * 2])[0]
     assert len(ids) > 4 * 16  # several sliding windows of tiny-gemma3
     v = torch.randn(4, 64, generator=torch.Generator().manual_seed(11))
-    want = plain_steered_logits(plain_hf(tiny_any), ids, v, 2, 2.0, None)
-    with torch.no_grad(), steering(tiny_any, v, layers=2, strength=2.0):
-        got = tiny_any(torch.tensor([ids]))[0]
-    with torch.no_grad(), residual_stream_only(tiny_any), steering(tiny_any, v, layers=2, strength=2.0):
-        got_sdpa = tiny_any(torch.tensor([ids]))[0]
-    assert (got - want).abs().max() < 1e-4 and (got_sdpa - want).abs().max() < 1e-4
+    want = plain_steered_logits(plain_ref(model), ids, v, 2, 2.0, None)
+    with torch.no_grad(), steering(model, v, layers=2, strength=2.0):
+        got = model(torch.tensor([ids]))[0]
+    with torch.no_grad(), residual_stream_only(model), steering(model, v, layers=2, strength=2.0):
+        got_sdpa = model(torch.tensor([ids]))[0]
+    assert_close(got, want, dtype)
+    assert_close(got_sdpa, want, dtype)
 
 
+# bfloat16: tiny-gemma3 only, whose sliding windows make the cached and the full pass differ most (time)
+GENERATION_CASES = [c for c in WINDOW_CASES if c != ("tiny-llama", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name,dtype", GENERATION_CASES, ids=short)
 @pytest.mark.parametrize("positions", ["last", "all"])
-def test_cached_generation_equals_an_uncached_plain_forward_past_the_window(tiny_any, positions):
+def test_cached_generation_equals_an_uncached_plain_forward_past_the_window(request, name, dtype, positions):
     """KV-cache greedy decoding from a 40-token prompt (2.5 windows of tiny-gemma3) to 48 tokens, against one
     uncached plain Hugging Face forward over prompt + generated tokens, steered by a hook where asked."""
-    from conftest import plain_hf
-
     from castlens.steering import generate
 
+    model = tiny_model(request, name, dtype)
     prompt = [256] + list(range(60, 99))
     v = torch.randn(4, 64, generator=torch.Generator().manual_seed(12)) * 3
-    new = generate(tiny_any, prompt, 8, v, 1, 2.0, positions)
+    new = generate(model, prompt, 8, v, 1, 2.0, positions)
     at = [len(prompt) - 1] if positions == "last" else None
-    logits = plain_steered_logits(plain_hf(tiny_any), prompt + new[:-1], v, 1, 2.0, at)
-    assert logits[len(prompt) - 1:].argmax(-1).tolist() == new
-    assert new != generate(tiny_any, prompt, 8)  # the vector did change the output
+    logits = plain_steered_logits(plain_ref(model), prompt + new[:-1], v, 1, 2.0, at)
+    assert_greedy(new, logits[len(prompt) - 1:], dtype)
+    assert new != generate(model, prompt, 8)  # the vector did change the output
