@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from castlens.distributed import shows_progress
 from castlens.models import context_length, input_device, model_name, pad_id, residual_stream_only, tokenizer_of
 
 HOOK = "blocks.{layer}.hook_resid_post"
@@ -204,7 +205,7 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
 
     fwd_hooks = [(HOOK.format(layer=layer), make_hook(j, layer)) for j, layer in enumerate(layers)]
     batches = length_sorted_batches(seqs, batch_size)
-    show = progress if progress is not None else len(batches) > 4
+    show = shows_progress(progress, len(batches))
     with torch.inference_mode(), residual_stream_only(model), model.hooks(fwd_hooks=fwd_hooks):
         for rows in tqdm(batches, desc="activations", disable=not show, leave=False):
             ids, mask, last = pad_batch([seqs[r] for r in rows], pad_id(model), padding_side)
@@ -246,7 +247,7 @@ def mean_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layer: i
     batches = length_sorted_batches(seqs, batch_size)
     with torch.inference_mode(), residual_stream_only(model), model.hooks(fwd_hooks=[(HOOK.format(layer=layer), hook)]):
         for rows in tqdm(batches, desc="embeddings", leave=False,
-                         disable=not (progress if progress is not None else len(batches) > 4)):
+                         disable=not shows_progress(progress, len(batches))):
             ids, mask, last = pad_batch([seqs[r] for r in rows], pad_id(model), "right")
             keep = mask.clone()
             long = mask.sum(1) > skip

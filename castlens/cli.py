@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,26 @@ def _numbers(kind: type, empty: bool = False) -> Callable[[str], tuple]:
     return parse
 
 
+def _device_map(s: str) -> str | dict:
+    """An argparse type: a strategy accelerate knows, or a JSON file mapping module names to devices."""
+    if s in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return s
+    try:
+        return dict(json.loads(Path(s).read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(f"expected auto, balanced, balanced_low_0, sequential or a JSON file "
+                                         f"{{module: device}}, got {s!r} ({err})") from None
+
+
+def _max_memory(s: str) -> dict:
+    """An argparse type: ``0=60GiB,cpu=100GiB`` as accelerate's ``max_memory`` (GPU indices as integers)."""
+    try:
+        pairs = [item.split("=", 1) for item in s.split(",") if item.strip()]
+        return {int(k) if k.strip().isdigit() else k.strip(): v.strip() for k, v in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected device=size pairs such as 0=60GiB,cpu=100GiB, got {s!r}") from None
+
+
 def _load(a: argparse.Namespace, tasks: Sequence[str] = ()) -> Any:
     """The model named by ``--model``, after every task name was checked (a typo fails before the load)."""
     from castlens.models import load_model
@@ -55,8 +76,9 @@ def _load(a: argparse.Namespace, tasks: Sequence[str] = ()) -> Any:
         load_task(name, a.data_dir)
     from castlens.distributed import world
 
-    device = getattr(a, "device", None) or world().device  # under torchrun with GPUs: this rank's own
-    return load_model(a.model, device=device, dtype=getattr(a, "dtype", None))
+    placed = {k: getattr(a, k) for k in ("device_map", "max_memory", "offload_folder") if getattr(a, k, None)}
+    device = getattr(a, "device", None) or (None if "device_map" in placed else world().device)  # torchrun: own GPU
+    return load_model(a.model, device=device, dtype=getattr(a, "dtype", None), **placed)
 
 
 def _result(text: str) -> None:
@@ -252,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "under torchrun each rank's own GPU)")
             sp.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                             help="model weights and activations (default float32)")
+            sp.add_argument("--device-map", default=None, type=_device_map, help="place the model with accelerate: "
+                            "auto, balanced, sequential, or a JSON file {module: device} ('cpu', 'disk', 0, ...)")
+            sp.add_argument("--max-memory", default=None, type=_max_memory,
+                            help="with --device-map: per-device limits, e.g. 0=60GiB,1=60GiB,cpu=100GiB")
+            sp.add_argument("--offload-folder", default=None, help="with --device-map: where 'disk' weights go")
         return sp
 
     def add(sp: argparse.ArgumentParser, *names: str) -> None:
@@ -366,9 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The command line; under ``torchrun`` every rank runs it (:mod:`castlens.distributed`): rank 0 prints as a
     single process does, the other ranks' logs are labelled ``[rank r]`` and their progress bars are off."""
-    from castlens.distributed import quiet_progress_off_main, world
+    from castlens.distributed import world
 
-    quiet_progress_off_main()
     args = build_parser().parse_args(argv)
     w = world()
     if not w.main:

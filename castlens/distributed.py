@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TextIO, TypeVar, cast
 
-__all__ = ["World", "world", "share", "BARRIER_TIMEOUT"]
+__all__ = ["World", "world", "share", "shows_progress", "BARRIER_TIMEOUT"]
 
 T = TypeVar("T")
 
@@ -152,9 +151,7 @@ class _Prefixed:
         return getattr(self._stream, name)
 
 
-def quiet_progress_off_main() -> None:
-    """Progress bars from rank 0 only: the other ranks of a torchrun launch set ``TQDM_DISABLE`` (read by tqdm when
-    it is imported, so call this first thing)."""
-    if os.environ.get("RANK", "0") != "0":
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        sys.stderr.flush()
+def shows_progress(progress: bool | None, n_batches: int) -> bool:
+    """Whether a loop over ``n_batches`` shows a progress bar: as asked, else when it is long (over 4 batches);
+    never on a rank other than 0 of a torchrun launch (``RANK`` in the environment), so bars come from one rank."""
+    return (progress if progress is not None else n_batches > 4) and os.environ.get("RANK", "0") == "0"

@@ -35,6 +35,7 @@ from castlens.activations import (
     prompt_ends,
     token_ids,
 )
+from castlens.distributed import shows_progress
 from castlens.models import input_device, pad_id, residual_stream_only, tokenizer_of
 
 
@@ -79,8 +80,8 @@ def option_logprobs(model, prompts: Sequence[str] | Sequence[Sequence[int]], opt
         raise StopForward
 
     with torch.inference_mode(), residual_stream_only(model), model.hooks(fwd_hooks=[(final, capture)]):
-        for batch in tqdm(batches, desc="scoring", disable=not (progress if progress is not None else
-                                                                  len(batches) > 4), leave=False):
+        for batch in tqdm(batches, desc="scoring", disable=not shows_progress(progress, len(batches)),
+                          leave=False):
             ids, mask, _ = pad_batch([rows[r] for r in batch], pad, "right")
             state["spans"] = [(where[r][2], where[r][3]) for r in batch]
             ends = torch.tensor([where[r][2] - 1 for r in batch], device=device)  # each row's last prompt token

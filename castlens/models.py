@@ -287,6 +287,28 @@ def gguf_file(spec: ModelSpec) -> tuple[Path, bool]:
     return _assemble(spec, parts, cache_dir() / spec.file), True
 
 
+@contextlib.contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """transformers reads a GGUF file three times (tokenizer, config, weights), and each ``gguf.GGUFReader`` walks
+    every metadata field: Gemma 3's 262,144-token vocabulary alone is about 2.4 million of them, some 40 s a parse
+    on 2 cores. Inside this block each file is parsed once and the reader (read-only memory maps) shared."""
+    import gguf
+
+    real, readers = gguf.GGUFReader, {}
+
+    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader  # type: ignore[misc, assignment]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real  # type: ignore[misc]
+
+
 def _convert(spec: ModelSpec, target: Path) -> None:
     """Dequantize the GGUF file with transformers and save it as a float safetensors folder at ``target``."""
     import torch
@@ -294,8 +316,9 @@ def _convert(spec: ModelSpec, target: Path) -> None:
 
     gguf, joined = gguf_file(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _one_gguf_parse():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     finally:
         if joined:  # the parts stay installed; the safetensors cache replaces the joined file
             gguf.unlink(missing_ok=True)

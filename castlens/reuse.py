@@ -45,6 +45,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from castlens.activations import HOOK, StopForward, check_lengths, length_sorted_batches
+from castlens.distributed import shows_progress
 from castlens.models import input_device, pad_id, residual_stream_only
 from castlens.steering import steering
 
@@ -323,7 +324,7 @@ def prefix_option_logprobs(model: TransformerBridge, prefix_ids: Sequence[int], 
         kv0 = prefix_kv if prefix_kv is not None else prefix_cache(model, prefix_ids)
         timings["prefix"] = timings.get("prefix", 0.0) + clock() - t0
         for batch in tqdm(batches, desc="scoring", leave=False,
-                          disable=not (progress if progress is not None else len(batches) > 4)):
+                          disable=not shows_progress(progress, len(batches))):
             t0 = clock()
             rows, reads = _option_rows([option_ids[q] for q in batch])
             room = max(1 + len(c) for _, c in rows)
@@ -378,7 +379,7 @@ def prefix_last_token_resid(model: TransformerBridge, prefix_ids: Sequence[int],
     with torch.inference_mode(), residual_stream_only(model):
         kv0 = prefix_cache(model, prefix_ids)
         for batch in tqdm(batches, desc="activations", leave=False,
-                          disable=not (progress if progress is not None else len(batches) > 4)):
+                          disable=not shows_progress(progress, len(batches))):
             ids, mask, pos = _layout(model, p, [list(query_ids[q]) for q in batch])
             kv = _expand(kv0, len(batch))
             _, _, resid = _forward(model, ids, mask, pos, kv, None, resid_layers=layers)

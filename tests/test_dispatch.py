@@ -198,3 +198,25 @@ def test_placements_that_cannot_work_are_refused_before_loading(tmp_path):
         load_model("tiny-llama", device_map=mixed)
     with pytest.raises(ValueError, match="dtype must be a floating-point torch dtype"):
         load_model("tiny-llama", device="cpu", dtype="int8")
+
+
+def test_a_transfer_run_on_a_disk_offloaded_model_equals_the_plain_one(tmp_path):
+    """The CLI end to end with --device-map (a JSON file) and --offload-folder: the run's weight checksum (read
+    through accelerate's hooks, not from the meta placeholders) and its results equal the plain load's."""
+    import json
+
+    from castlens.cli import main
+
+    mapping = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "disk", "lm_head": "disk"}
+    mapping.update({f"model.layers.{i}": "disk" if i in (1, 2) else "cpu" for i in range(4)})
+    (tmp_path / "map.json").write_text(json.dumps(mapping))
+    args = ["transfer", "--model", "tiny-llama", "--no-png", "--sources", "first_item", "--targets", "plural",
+            "--n", "2", "--shots", "1", "--dev", "3", "--limit", "4", "--layers", "1,2", "--strengths", "1",
+            "--n-boot", "20"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--device-map", str(tmp_path / "map.json"), "--offload-folder", str(tmp_path / "off"),
+                 "--out", str(tmp_path / "placed")]) == 0
+    for name in ("config.json", "results.csv"):
+        assert (tmp_path / "placed" / name).read_text() == (tmp_path / "plain" / name).read_text()
+    with pytest.raises(SystemExit):  # argparse: usage and the reason, exit code 2
+        main([*args, "--device-map", "nowhere.json", "--out", str(tmp_path / "bad")])

@@ -77,6 +77,7 @@ def test_vectors_on_two_processes_equal_one(tmp_path):
         assert two[k].metadata() == one[k].metadata()
     assert not (tmp_path / "two.parts").exists()
     assert "[rank 1]" in r.stdout and r.stdout.count("wrote 4 vectors") == 1  # rank 0 reports, rank 1 is labelled
+    assert "activations:" in r.stderr and "[rank 1] activations" not in r.stderr  # progress bars from rank 0 only
 
 
 @pytest.fixture(scope="module")

@@ -376,10 +376,16 @@ def input_digests(model: TransformerBridge, tasks: Sequence[Task]) -> dict[str, 
         blob = json.dumps([t.instruction, t.labels, [[e.input, e.output] for e in t.train],
                            [[e.input, e.output] for e in t.test]], ensure_ascii=False).encode()
         out[f"task:{t.name}"] = hashlib.sha256(blob).hexdigest()
+    from accelerate.utils import align_module_device
+
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, _ in sorted(model.named_parameters(), key=lambda x: x[0]):
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        with align_module_device(module):  # an offloaded module's weights are loaded for the read (meta otherwise)
+            p = getattr(module, attr)
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     out["model_weights"] = h.hexdigest()
     return out
 
