@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures selection-figures clean
+.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures selection-figures gemma-figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,11 @@ BUILTIN := uppercase,first_item,last_item,next_number,add,reverse_word,plural,an
 figures: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || true
 	$(VENV)/bin/castlens analyze --tasks $(CAST_TASKS),$(BUILTIN) --n 24 --shots 4 --out figures/parallel_directions
+
+# The same analysis on the second model family (issue #15): Gemma 3 270M, base model.
+gemma-figures: $(STAMP)
+	$(VENV)/bin/castlens analyze --model gemma-3-270m --tasks $(CAST_TASKS),$(BUILTIN) --n 24 --shots 4 \
+		--out figures/gemma-3-270m/parallel_directions
 
 # Cross-task transfer (CAST against its baselines) on SmolLM2: the 8 CAST sources -> the 5 CAST targets on their
 # full test sets, and English sources -> non-English targets. Each resumes if interrupted.
