@@ -75,7 +75,7 @@ bench-distributed: $(STAMP)
 	$(PY) benchmarks/distributed_overhead.py
 
 bench-peers: $(STAMP)
-	$(PY) benchmarks/peers.py
+	$(PY) benchmarks/peers.py --model smollm2-135m-instruct --repeats 5
 
 # Rewrite every committed table from its committed parts (no model): `git diff --stat figures` stays empty.
 report: $(STAMP)
