@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures selection-figures gemma-figures clean
+.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures selection-figures gemma-figures explain-figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -122,6 +122,12 @@ compose-figures: $(STAMP)
 	$(VENV)/bin/castlens vectors --tasks $(CAST_SOURCES) --n 32 --shots 4 --overwrite --out figures/steer2adapt/library
 	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --out figures/steer2adapt
 	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --random-library --compare-to figures/steer2adapt --out figures/steer2adapt_random_library
+
+# The mechanism of the shared direction (issue #16): attribution and head patching on the 21 tasks of `make figures`
+# (8 per task), and which part of the CAST vector transfers to the 5 CAST targets (300 test items each).
+explain-figures: $(STAMP)
+	$(VENV)/bin/castlens explain --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --tasks $(BUILTIN) --n 8 --shots 4 \
+		--limit 300 --out figures/explain
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

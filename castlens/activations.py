@@ -171,39 +171,47 @@ def check_lengths(model, seqs: Sequence[Sequence[int]], task: str | None = None,
             raise PromptTooLongError(len(s), limit, index=i, task=task, query_tokens=q)
 
 
-def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layers: Sequence[int] | None = None,
-                     batch_size: int = 16, padding_side: str = "right", chat: bool = False,
-                     progress: bool | None = None, task: str | None = None) -> Float[Tensor, "prompt layer d_model"]:
-    """``blocks.{L}.hook_resid_post`` at each prompt's last token, for each ``L`` in ``layers`` (default all).
+def last_token_values(model, prompts: Sequence[str] | Sequence[Sequence[int]], names: Sequence[str],
+                      batch_size: int = 16, padding_side: str = "right", chat: bool = False,
+                      progress: bool | None = None, task: str | None = None) -> dict[str, Tensor]:
+    """The value of each hook point in ``names`` at each prompt's last token: ``{name: [prompt, ...]}`` (float32,
+    CPU, input order; ``...`` is the hook's shape without batch and position, e.g. ``[d_model]`` for
+    ``blocks.{L}.hook_resid_post``, ``[n_heads, d_head]`` for ``blocks.{L}.attn.hook_z``).
 
-    ``prompts`` are strings or token-id lists. Prompts are batched longest first (less padding) and the result is
-    returned in the input order, in float32 on the CPU: shape ``[len(prompts), len(layers), d_model]``. Under
-    ``steering(..., positions="last")`` each prompt's last token is the one steered. ``task`` names the task in
-    the error for a prompt that is too long.
-    """
-    n_layers = model.cfg.n_layers
-    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
-    bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad or not layers:
-        raise ValueError(f"layers {bad or layers} out of range for a model with {n_layers} layers")
+    Attention runs as sdpa (:func:`castlens.models.residual_stream_only`): the residual, MLP, norm and
+    ``attn.hook_z`` (the input of the output projection) hook points fire there; scores and patterns do not, and
+    a name that never fires raises. The forward stops after the deepest block any name belongs to. Prompts are
+    batched longest first; under ``steering(..., positions="last")`` each prompt's last token is the one steered.
+    ``task`` names the task in the error for a prompt that is too long."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise ValueError("no hook names given")
+    unknown = [n for n in names if n not in model.hook_dict]
+    if unknown:
+        raise ValueError(f"unknown hook points {unknown}; e.g. {HOOK.format(layer=0)}")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     seqs = token_ids(model, prompts, chat)
     check_lengths(model, seqs, task=task)
-
-    out = torch.empty(len(seqs), len(layers), model.cfg.d_model, dtype=torch.float32)
-    deepest = max(layers)
+    blocks = [int(n.split(".")[1]) if n.startswith("blocks.") else -1 for n in names]
+    deepest = max(blocks)
+    stop = HOOK.format(layer=deepest) if deepest >= 0 else None
+    out: dict[str, Tensor] = {}
     device = input_device(model)
     state: dict = {}
 
-    def make_hook(j: int, layer: int):
+    def grab(name: str):
         def hook(x: Tensor, hook) -> None:
-            out[state["rows"], j] = x[torch.arange(x.shape[0], device=x.device), state["last"]].float().cpu()
-            if layer == deepest:
-                raise StopForward
+            value = x[torch.arange(x.shape[0], device=x.device), state["last"]].float().cpu()
+            if name not in out:
+                out[name] = torch.empty(len(seqs), *value.shape[1:], dtype=torch.float32)
+            out[name][state["rows"]] = value
         return hook
 
-    fwd_hooks = [(HOOK.format(layer=layer), make_hook(j, layer)) for j, layer in enumerate(layers)]
+    def halt(x: Tensor, hook) -> None:
+        raise StopForward
+
+    fwd_hooks = [(n, grab(n)) for n in names] + ([(stop, halt)] if stop else [])
     batches = length_sorted_batches(seqs, batch_size)
     show = shows_progress(progress, len(batches))
     with torch.inference_mode(), residual_stream_only(model), model.hooks(fwd_hooks=fwd_hooks):
@@ -215,7 +223,31 @@ def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], la
                     model(ids.to(device), attention_mask=mask.to(device), return_type=None)
             except StopForward:
                 pass
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise ValueError(f"hook points {missing} did not fire on the sdpa path (attention scores and patterns "
+                         "fire only on the bridge's eager attention)")
     return out
+
+
+def last_token_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layers: Sequence[int] | None = None,
+                     batch_size: int = 16, padding_side: str = "right", chat: bool = False,
+                     progress: bool | None = None, task: str | None = None) -> Float[Tensor, "prompt layer d_model"]:
+    """``blocks.{L}.hook_resid_post`` at each prompt's last token, for each ``L`` in ``layers`` (default all).
+
+    ``prompts`` are strings or token-id lists. Prompts are batched longest first (less padding) and the result is
+    returned in the input order, in float32 on the CPU: shape ``[len(prompts), len(layers), d_model]``. Under
+    ``steering(..., positions="last")`` each prompt's last token is the one steered. ``task`` names the task in
+    the error for a prompt that is too long. (:func:`last_token_values` for any hook points.)
+    """
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or layers} out of range for a model with {n_layers} layers")
+    names = [HOOK.format(layer=layer) for layer in layers]
+    values = last_token_values(model, prompts, names, batch_size, padding_side, chat, progress, task)
+    return torch.stack([values[n] for n in names], 1)
 
 
 def mean_resid(model, prompts: Sequence[str] | Sequence[Sequence[int]], layer: int, batch_size: int = 16,

@@ -31,7 +31,7 @@ from castlens import geometry as geo
 from castlens.files import atomic_write
 from castlens.models import model_name, tokenizer_of
 from castlens.prompts import contrastive_pairs, default_format, filler_prompt, shuffled_label_prompt
-from castlens.tasks import load_task
+from castlens.tasks import Task, load_task
 from castlens.vectors import SteeringVector, contrastive_activations
 
 VARIANTS = ("few", "filler", "shuffled")
@@ -86,26 +86,32 @@ class Collected:
         return cls(first.model, list(diffs["few"]), first.n_samples, first.shots, first.seed, diffs)
 
 
-def collect_task(model, name: str, n: int, shots: int, seed: int = 0, batch_size: int = 16,
-                 data_dir: str | None = None, progress: bool = True) -> Collected:
-    """One task's zero-shot, few-shot, filler and shuffled-label prompts of ``n`` queries; last tokens kept."""
+def variant_prompts(model, task: Task, n: int, shots: int, seed: int = 0) -> tuple[dict[str, list[str]], list[str]]:
+    """One task's ``n`` zero-shot prompts and their few-shot, filler and shuffled-label variants (same queries,
+    instruction and demonstration inputs), keyed ``"zero"`` and by :data:`VARIANTS`; and notes on the split."""
     tok = tokenizer_of(model)
 
     def n_tokens(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
-    task = load_task(name, data_dir)
-    out = Collected(model_name(model), [task.name], n, shots, seed, {v: {} for v in VARIANTS})
     fmt = default_format(task)
     split = "train" if task.train else "test"
-    if split == "test":
-        out.notes.append(f"{name}: no train split; queries and demonstrations both come from its test split "
-                         "(no labels are fitted here, so this is not tuning on test)")
+    notes = [] if split == "train" else [
+        f"{task.name}: no train split; queries and demonstrations both come from its test split (no labels are "
+        "fitted here, so this is not tuning on test)"]
     pairs = contrastive_pairs(task, n, shots, seed=seed, fmt=fmt, split=split, demo_split=split)
-    prompts = ([p.zero for p in pairs] + [p.few for p in pairs]
-               + [filler_prompt(p, fmt, n_tokens) for p in pairs]
-               + [shuffled_label_prompt(p, fmt, seed, task.labels) for p in pairs])
-    acts = contrastive_activations(model, *(prompts[k * n:(k + 1) * n] for k in range(4)),
+    return {"zero": [p.zero for p in pairs], "few": [p.few for p in pairs],
+            "filler": [filler_prompt(p, fmt, n_tokens) for p in pairs],
+            "shuffled": [shuffled_label_prompt(p, fmt, seed, task.labels) for p in pairs]}, notes
+
+
+def collect_task(model, name: str, n: int, shots: int, seed: int = 0, batch_size: int = 16,
+                 data_dir: str | None = None, progress: bool = True) -> Collected:
+    """One task's zero-shot, few-shot, filler and shuffled-label prompts of ``n`` queries; last tokens kept."""
+    task = load_task(name, data_dir)
+    prompts, notes = variant_prompts(model, task, n, shots, seed)
+    out = Collected(model_name(model), [task.name], n, shots, seed, {v: {} for v in VARIANTS}, notes=notes)
+    acts = contrastive_activations(model, prompts["zero"], *(prompts[v] for v in VARIANTS),
                                    batch_size=batch_size, progress=progress)
     zero = acts[0]
     out.zero[task.name], out.few[task.name] = zero, acts[1]

@@ -4,6 +4,7 @@
     castlens vectors --model M --tasks a,b --n N --shots K --out FILE
     castlens analyze --model M --tasks a,b,c --n N --shots K --out DIR   parallel-direction analysis
     castlens transfer --model M --sources a,b --targets x,y --n N --shots K --out DIR   CAST vs baselines
+    castlens explain --sources a,b --targets x,y --tasks c,d --out DIR   which heads write the shared direction
     castlens compose --library FILES --targets x,y --examples 12 --out DIR   Steer2Adapt
     castlens selection-study --sources a,b --targets x,y --out DIR   selection ablation and sample scaling
     castlens report DIR                              rewrite a finished run's tables and figures from its parts
@@ -147,6 +148,21 @@ def _transfer(a: argparse.Namespace, sources: Sequence[str], targets: Sequence[s
 def cmd_transfer(a: argparse.Namespace) -> int:
     _transfer(a, a.sources, a.targets, Path(a.out), dev=a.dev, limit=a.limit, layers=a.layers, strengths=a.strengths,
               select=a.select, n_boot=a.n_boot, pool=a.pool, embedder=a.embedder, n_random=a.n_random)
+    return 0
+
+
+def cmd_explain(a: argparse.Namespace) -> int:
+    from castlens.experiments.explain import ExplainConfig, run_explain
+    from castlens.models import model_name
+
+    cfg = ExplainConfig(model=a.model, tasks=tuple(a.tasks or ()), sources=tuple(a.sources), targets=tuple(a.targets),
+                        n=a.n, shots=a.shots, seed=a.seed, layer=a.layer, strengths=a.strengths, dev=a.dev,
+                        limit=a.limit, n_boot=a.n_boot, n_random=a.n_random, fv_heads=a.fv_heads)
+    model = _load(a, cfg.all_tasks)
+    t0 = time.perf_counter()
+    run_explain(model, dataclasses.replace(cfg, model=model_name(model)), Path(a.out), a.data_dir, a.batch_size,
+                False if a.no_png else None)
+    _result(f"explain finished in {time.perf_counter() - t0:.0f}s; summary: {Path(a.out) / 'summary.md'}")
     return 0
 
 
@@ -328,6 +344,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "same sweep (their mean, spread and CAST's rank among them are reported when > 1)")
     tr.add_argument("--select", default="random", choices=list(SELECTION_METHODS),
                     help="source-sample selection: random (shared by all targets) or a graph search per target")
+
+    ex = command("explain", cmd_explain, "which components write the shared few-shot direction (attribution, "
+                 "head patching), and which part of a CAST vector transfers")
+    add(ex, "sources", "targets", "dev", "limit", "n_boot", "out")
+    ex.add_argument("--tasks", type=_names, default=None, help="more tasks for the shared direction and the "
+                    "per-head tables (the sources and targets are always included)")
+    ex.add_argument("--n", type=int, default=8, help="queries per task (attribution; as many again for patching)")
+    ex.add_argument("--shots", type=int, default=4, help="demonstrations per few-shot prompt")
+    ex.add_argument("--layer", type=int, default=None, help="the layer explained and steered (default: "
+                    "round(0.45 x n_layers))")
+    ex.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0, 8.0), help="strengths to sweep")
+    ex.add_argument("--fv-heads", type=_numbers(int), default=(1, 3, 5, 10), help="function-vector sizes "
+                    "(top-k heads) to choose from on dev")
+    ex.add_argument("--n-random", type=int, default=5, help="norm-matched random controls, each tuned the same way")
+    ex.add_argument("--batch-size", type=int, default=8)
 
     c = command("compose", cmd_compose, "Steer2Adapt: adapt to targets with a combination of library vectors")
     add(c, "targets", "limit", "n_boot", "out")

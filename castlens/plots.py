@@ -34,6 +34,7 @@ __all__ = [
     "explained_variance_by_layer",
     "accuracy_sweep",
     "sweep_heatmaps",
+    "head_heatmaps",
     "save_figure",
     "PNG_EXPORT_FIX",
 ]
@@ -572,6 +573,41 @@ def coefficient_heatmap(
     fig.update_yaxes(autorange="reversed", automargin=True)
     return _finish(fig, title, caption, "", "", width=max(600, 60 * len(cols) + 300),
                    height=max(360, 40 * len(rows) + 260), caption_shift=20)
+
+
+def head_heatmaps(
+    grids: Mapping[str, Any],
+    title: str = "Per-head scores",
+    caption: str = "",
+    colorbar_title: str = "score",
+) -> go.Figure:
+    """Layer x head grids side by side (e.g. each head's write along the shared direction for the signal and
+    each control), one diverging colour scale centred on 0 shared by all (``layout.coloraxis``). ``grids``:
+    {panel title: [layer, head] array}; layers run up the y axis. Traces: one ``go.Heatmap`` per panel."""
+    if not grids:
+        raise ValueError("grids: expected at least one {title: [layer, head] array}, got none")
+    arrays = {k: _arr(v, f"grids[{k!r}]", 2) for k, v in grids.items()}
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"grids: every panel needs the same [layer, head] shape, got {sorted(shapes)}")
+    n_layers, n_heads = next(iter(shapes))
+    flat = np.concatenate([a.ravel() for a in arrays.values()])
+    lim = float(np.nanmax(np.abs(flat))) if np.isfinite(flat).any() else 1.0
+    fig = make_subplots(rows=1, cols=len(arrays), shared_yaxes=True, subplot_titles=list(arrays),
+                        horizontal_spacing=0.04)
+    for i, (name, a) in enumerate(arrays.items(), start=1):
+        fig.add_trace(go.Heatmap(z=a, x=[str(h) for h in range(n_heads)], y=[str(layer) for layer in range(n_layers)],
+                                 coloraxis="coloraxis", name=name, xgap=1, ygap=1,
+                                 hovertemplate=f"{name}<br>layer %{{y}}, head %{{x}}: %{{z:.3f}}<extra></extra>"),
+                      row=1, col=i)
+    fig.update_layout(coloraxis=dict(cmin=-lim, cmax=lim, colorscale="RdBu_r",
+                                     colorbar=dict(title=dict(text=colorbar_title))))
+    fig = _finish(fig, title, caption, "", "", width=max(700, 90 + 30 * n_heads * len(arrays) + 60 * len(arrays)),
+                  height=max(420, 22 * n_layers + 200))
+    fig.update_xaxes(title_text="head", type="category")
+    fig.update_yaxes(type="category")
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    return fig
 
 
 # ----------------------------------------------------------------------------- saving

@@ -33,9 +33,10 @@ the 2-d padding mask as before, and Hugging Face builds the same causal mask fro
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -47,7 +48,7 @@ from transformers.cache_utils import DynamicLayer
 from castlens.activations import HOOK, StopForward, check_lengths, length_sorted_batches
 from castlens.distributed import shows_progress
 from castlens.models import input_device, pad_id, residual_stream_only
-from castlens.steering import steering
+from castlens.steering import head_patching, steering
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -66,10 +67,22 @@ class Setting:
     strength: float = 1.0
     mode: str = "add"
     norm_preserving: bool = False
+    heads: tuple[tuple[int, int, Tensor], ...] = ()  # (layer, head, z [d_head]) patched in: steering.head_patching
 
     def __post_init__(self) -> None:
         if not math.isfinite(float(self.strength)):
             raise ValueError(f"setting {self.name!r}: strength {self.strength} is not a finite number")
+
+    @contextlib.contextmanager
+    def applied(self, model: TransformerBridge, positions: Tensor) -> Iterator[None]:
+        """This setting's hooks at ``positions`` (one index per row) for the passes inside the block."""
+        with contextlib.ExitStack() as stack:
+            if self.directions is not None:
+                stack.enter_context(steering(model, self.directions, self.layer, self.strength, positions=positions,
+                                             norm_preserving=self.norm_preserving, mode=self.mode))
+            if self.heads:
+                stack.enter_context(head_patching(model, {(lh, h): z for lh, h, z in self.heads}, positions))
+            yield
 
 
 UNSTEERED = Setting("unsteered")
@@ -346,12 +359,8 @@ def prefix_option_logprobs(model: TransformerBridge, prefix_ids: Sequence[int], 
             timings["body"] = timings.get("body", 0.0) + clock() - t0
             for si, s in enumerate(settings):
                 t0 = clock()
-                if s.directions is None:
+                with s.applied(model, torch.zeros(len(rows), dtype=torch.long)):
                     _, h, _ = _forward(model, ids, full_mask, pos, kv_rows, read)
-                else:
-                    with steering(model, s.directions, s.layer, s.strength, positions=torch.zeros(len(rows),
-                                  dtype=torch.long), norm_preserving=s.norm_preserving, mode=s.mode):
-                        _, h, _ = _forward(model, ids, full_mask, pos, kv_rows, read)
                 assert h is not None  # read= was given: the final residual at the option positions
                 lp = torch.log_softmax(model.unembed(model.ln_final(h[None]))[0].float(), -1).cpu()
                 for b, q in enumerate(batch):
@@ -385,4 +394,36 @@ def prefix_last_token_resid(model: TransformerBridge, prefix_ids: Sequence[int],
             _, _, resid = _forward(model, ids, mask, pos, kv, None, resid_layers=layers)
             for j, layer in enumerate(layers):
                 out[torch.tensor(batch), j] = resid[layer]
+    return out
+
+
+def settings_last_token_resid(model: TransformerBridge, prefix_ids: Sequence[int], query_ids: Sequence[Sequence[int]],
+                              settings: Sequence[Setting], layers: Sequence[int], batch_size: int = 16,
+                              progress: bool | None = None) -> Float[Tensor, "setting query layer d_model"]:
+    """``blocks.{L}.hook_resid_post`` at the last token of ``prefix + query`` under each setting (steering or head
+    patching at that token): the prefix once, each query body once, then one token per query per setting, stopped
+    after the deepest layer read. Equals :func:`prefix_last_token_resid` inside each setting's hooks (tested)."""
+    layers = [int(x) for x in layers]
+    if not layers or any(not 0 <= x < model.cfg.n_layers for x in layers):
+        raise ValueError(f"layers {layers} out of range for {model.cfg.n_layers} layers")
+    if not query_ids or any(not q for q in query_ids):
+        raise ValueError("need at least one query and no empty query")
+    if not settings:
+        raise ValueError("no settings given")
+    check_lengths(model, [list(prefix_ids) + list(q) for q in query_ids])
+    p = len(prefix_ids)
+    out = torch.empty(len(settings), len(query_ids), len(layers), model.cfg.d_model)
+    batches = length_sorted_batches(query_ids, batch_size)
+    with torch.inference_mode(), residual_stream_only(model):
+        kv0 = prefix_cache(model, prefix_ids)
+        for batch in tqdm(batches, desc="settings", leave=False, disable=not shows_progress(progress, len(batches))):
+            kv, mask, nxt = _body_batch(model, kv0, p, [list(query_ids[q][:-1]) for q in batch], 1)
+            ids = torch.tensor([[query_ids[q][-1]] for q in batch])
+            full_mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], 1)
+            rows = torch.tensor(batch)
+            for si, s in enumerate(settings):
+                with s.applied(model, torch.zeros(len(batch), dtype=torch.long)):
+                    _, _, resid = _forward(model, ids, full_mask, nxt[:, None], kv, None, resid_layers=layers)
+                for j, layer in enumerate(layers):
+                    out[si, rows, j] = resid[layer]
     return out

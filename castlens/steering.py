@@ -47,7 +47,7 @@ import math
 import operator
 import re
 import weakref
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -141,6 +141,13 @@ def _last_index(x: Tensor) -> Tensor | None:
         "positions=<integer tensor [batch] of each row's last prompt-token index> (the third value of "
         "castlens.activations.pad_batch), wrap the call in castlens.activations.prompt_ends(indices), or use "
         "option_logprobs / last_token_resid / mean_resid / generate, which register them")
+
+
+def _checked_selection(x: Tensor, positions: str | Tensor, largest: int) -> tuple:
+    """:func:`_selection`, after refusing a positions index past the end of this forward pass."""
+    if largest >= x.shape[1]:
+        raise ValueError(f"positions index {largest} is past the end of a forward pass of {x.shape[1]} positions")
+    return _selection(x, positions)
 
 
 def _selection(x: Tensor, positions: str | Tensor) -> tuple:
@@ -253,10 +260,7 @@ def steering(model, vector: SteeringVector | Float[Tensor, "layer d_model"], lay
 
     def make_hook(layer: int):
         def hook(x: Tensor, hook) -> Tensor:
-            if largest >= x.shape[1]:
-                raise ValueError(f"positions index {largest} is past the end of a forward pass of {x.shape[1]} "
-                                 "positions")
-            sel = _selection(x, positions)
+            sel = _checked_selection(x, positions, largest)
             x = x.clone()
             v = directions[layer].to(x.device, torch.float32)  # this layer's device: layers may live on several
             if mode == "replace":
@@ -274,6 +278,51 @@ def steering(model, vector: SteeringVector | Float[Tensor, "layer d_model"], lay
 
     with model.hooks(fwd_hooks=[(HOOK.format(layer=layer), make_hook(layer)) for layer in layers]), \
             _attention_choice(model, attention):
+        yield
+
+
+# ---------------------------------------------------------------- patching attention heads
+HEAD_HOOK = "blocks.{layer}.attn.hook_z"
+
+
+@contextlib.contextmanager
+def head_patching(model, values: Mapping[tuple[int, int], Float[Tensor, " d_head"]],
+                  positions: str | Int[Tensor, " batch"] = "last") -> Iterator[None]:
+    """Inside this context head ``h`` of layer ``l`` outputs ``values[(l, h)]`` at ``positions`` instead of what
+    it computed: its ``z`` (the attention-weighted values, ``blocks.{l}.attn.hook_z`` [batch, pos, head, d_head])
+    is replaced before the output projection, so the head then writes ``values[(l, h)] @ W_O[l, h]`` (through any
+    norm after attention) and every later layer sees the result. This is activation patching of one head
+    (Wang et al. 2022; Todd et al. 2024 patch a head's mean output on task prompts into other runs).
+
+    ``hook_z`` is the input hook of the bridge's output projection, so it fires on the sdpa fast path as well as
+    on the eager one and patching does not need eager attention (tested equal). ``positions`` as for
+    :func:`steering`. Bad arguments raise ``ValueError`` on entry."""
+    cfg = model.cfg
+    checked: dict[int, list[tuple[int, Tensor]]] = {}
+    for key, v in values.items():
+        layer, head = (operator.index(k) for k in key)
+        if not 0 <= layer < cfg.n_layers or not 0 <= head < cfg.n_heads:
+            raise ValueError(f"head ({layer}, {head}) out of range: layers 0..{cfg.n_layers - 1}, heads "
+                             f"0..{cfg.n_heads - 1}")
+        v = torch.as_tensor(v)
+        if tuple(v.shape) != (cfg.d_head,) or not torch.isfinite(v).all():
+            raise ValueError(f"head ({layer}, {head}): value of shape {tuple(v.shape)}; need finite [d_head] = "
+                             f"[{cfg.d_head}]")
+        checked.setdefault(layer, []).append((head, v))
+    if not checked:
+        raise ValueError("no heads to patch")
+    positions, largest = _positions(positions)
+
+    def make_hook(patches: list[tuple[int, Tensor]]):
+        def hook(z: Tensor, hook) -> Tensor:
+            sel = _checked_selection(z, positions, largest)
+            z = z.clone()
+            for head, v in patches:
+                z[(*sel, head)] = v.to(z.device, z.dtype)
+            return z
+        return hook
+
+    with model.hooks(fwd_hooks=[(HEAD_HOOK.format(layer=layer), make_hook(p)) for layer, p in checked.items()]):
         yield
 
 
