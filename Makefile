@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures selection-figures gemma-figures explain-figures clean
+.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures selection-figures gemma-figures explain-figures gemma-explain-figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -128,6 +128,10 @@ compose-figures: $(STAMP)
 explain-figures: $(STAMP)
 	$(VENV)/bin/castlens explain --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --tasks $(BUILTIN) --n 8 --shots 4 \
 		--limit 300 --out figures/explain
+
+gemma-explain-figures: $(STAMP)
+	$(VENV)/bin/castlens explain --model gemma-3-270m --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) \
+		--tasks $(BUILTIN) --n 8 --shots 4 --limit 300 --out figures/gemma-3-270m/explain
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

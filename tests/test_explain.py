@@ -64,6 +64,9 @@ def test_a_rerun_resumes_to_the_same_files_and_another_config_is_refused(explain
     before = {f: (explained / f).read_bytes() for f in FILES}
     run_explain(tiny, CFG, explained, png=False, log=lambda s: None)
     assert {f: (explained / f).read_bytes() for f in FILES} == before
+    (explained / "parts" / "tensors" / "plural.safetensors").unlink()  # e.g. a clone: the tensors are not committed
+    run_explain(tiny, CFG, explained, png=False, log=lambda s: None)
+    assert {f: (explained / f).read_bytes() for f in FILES} == before
     with pytest.raises(RunError, match="n"):
         run_explain(tiny, dataclasses.replace(CFG, n=5), explained, png=False, log=lambda s: None)
 
@@ -85,3 +88,18 @@ def test_cli_refuses_a_layer_out_of_range(tmp_path, capsys):
     assert code != 0
     assert "layer 9 out of range" in capsys.readouterr().err
     assert not (tmp_path / "x" / "parts").exists()
+
+
+def test_patching_queries_leave_out_the_attribution_queries(tiny):
+    """The patched means come from the attribution queries' few-shot prompts, so those queries are never patched;
+    reverse_word's seeded patch draw hits 3 of them at n=8 and they are replaced by further draws."""
+    from castlens.experiments.explain import patch_queries
+    from castlens.prompts import contrastive_pairs, default_format
+
+    task = load_task("reverse_word")
+    used = [p.query for p in contrastive_pairs(task, 8, 4, seed=0, fmt=default_format(task))]
+    _, plain = patch_queries(tiny, task, 8, 0, 4)
+    _, kept = patch_queries(tiny, task, 8, 0, 4, used)
+    assert len({e.input for e in plain.examples} & set(used)) > 0  # the draw alone would overlap
+    assert len(kept.examples) == 8 and not {e.input for e in kept.examples} & set(used)
+    assert len({e.input for e in kept.examples}) == 8

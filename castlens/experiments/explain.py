@@ -47,14 +47,14 @@ from castlens.files import atomic_write
 from castlens.mechanism import (Contributions, PatchEffects, component_contributions, function_vector, head_label,
                                 head_writes, logit_lens, parse_head, patch_effects, split_shared, top_heads)
 from castlens.models import model_name
-from castlens.prompts import default_format
-from castlens.tasks import Task, load_task
+from castlens.prompts import contrastive_pairs, default_format
+from castlens.tasks import Task, TaskError, load_task
 from castlens.vectors import prefix_ids, random_like
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["ExplainConfig", "TaskMechanism", "run_explain", "default_layer", "SPLITS", "COLUMNS"]
+__all__ = ["ExplainConfig", "TaskMechanism", "run_explain", "patch_queries", "default_layer", "SPLITS", "COLUMNS"]
 
 SPLITS = ("cast_mean_diff", "cast_shared", "cast_remainder", "shared_of_others", "function_vector")
 REFS = {"zero": "zero_shot", "whole": "cast_mean_diff", "random": "random_vector"}
@@ -149,24 +149,37 @@ class TaskMechanism:
                    {k[2:]: x for k, x in t.items() if k.startswith("z.")}, t["writes"], patched)
 
 
-def _patch_queries(model: TransformerBridge, task: Task, n: int, seed: int, n_candidates: int):
-    """``n`` queries for patching (another seeded draw than the attribution's), encoded with their options."""
+def patch_queries(model: TransformerBridge, task: Task, n: int, seed: int, n_candidates: int,
+                   avoid: Sequence[str] = ()):
+    """``n`` queries for patching, encoded with their options: a seeded draw from the split the attribution
+    queries come from, with any query whose input is in ``avoid`` (the attribution's queries, whose few-shot
+    prompts made the patched means) replaced by a further draw."""
     fmt = default_format(task)
     pool = task.train or task.test
     rng = random.Random(f"{seed}:patch:{task.name}")
-    items = encode(model, task, fmt, rng.sample(pool, min(n, len(pool))), n_candidates, seed)
-    return prefix_ids(model, [fmt.instruction], fmt), items
+    picked = rng.sample(pool, min(n, len(pool)))
+    banned = set(avoid)
+    rest = [e for e in pool if e not in picked and e.input not in banned]
+    rng.shuffle(rest)
+    keep = [e for e in picked if e.input not in banned]
+    keep += rest[:len(picked) - len(keep)]
+    if not keep:
+        raise TaskError(f"task {task.name!r}: no query left for patching after leaving out the attribution's")
+    return prefix_ids(model, [fmt.instruction], fmt), encode(model, task, fmt, keep, n_candidates, seed)
 
 
 def _mechanism(model: TransformerBridge, task: Task, cfg: ExplainConfig, layer: int, batch_size: int
                ) -> TaskMechanism:
     prompts, _ = variant_prompts(model, task, cfg.n, cfg.shots, cfg.seed)
+    used = [p.query for p in contrastive_pairs(task, cfg.n, cfg.shots, seed=cfg.seed, fmt=default_format(task),
+                                                split="train" if task.train else "test",
+                                                demo_split="train" if task.train else "test")]
     zero = component_contributions(model, prompts["zero"], layer, batch_size)
     got: dict[str, Contributions] = {v: component_contributions(model, prompts[v], layer, batch_size)
                                      for v in VARIANTS}
     diffs = {v: got[v].values - zero.values for v in VARIANTS}
     z_mean = {v: got[v].z.mean(0) for v in ("few", "shuffled")}
-    prefix, items = _patch_queries(model, task, cfg.n, cfg.seed, cfg.n_candidates)
+    prefix, items = patch_queries(model, task, cfg.n, cfg.seed, cfg.n_candidates, used)
     patched = {v: patch_effects(model, items.queries, z, layer, items.options, items.gold, prefix, batch_size)
                for v, z in z_mean.items()}
     return TaskMechanism(task.name, zero.labels, layer, zero.n_heads, diffs, z_mean, head_writes(got["few"]), patched)
@@ -259,6 +272,11 @@ def run_explain(model: TransformerBridge, cfg: ExplainConfig, out: str | Path, d
         raise ValueError(f"explain needs at least 3 tasks for a shared direction, got {names}")
     run = Run(out, cfg, png=png, log=log, inputs=input_digests(model, list(tasks.values())))
     tensors = run.out / "parts" / "tensors"
+    if run.world.main:  # a task part whose tensors are gone (not committed, say) is computed again
+        for name in names:
+            if not (tensors / f"{name}.safetensors").exists():
+                run.part_path(name).unlink(missing_ok=True)
+    run.world.barrier()
 
     def compute(name: str, _: list) -> dict:
         _mechanism(model, tasks[name], cfg, layer, batch_size).save(tensors / f"{name}.safetensors")
@@ -278,7 +296,7 @@ def run_explain(model: TransformerBridge, cfg: ExplainConfig, out: str | Path, d
 
     def compute_target(name: str, done: list[TargetResult]) -> TargetResult:
         t = tasks[name]
-        prefix, items = _patch_queries(model, t, cfg.n, cfg.seed + 1, cfg.n_candidates)
+        prefix, items = patch_queries(model, t, cfg.n, cfg.seed + 1, cfg.n_candidates)
         eff = patch_effects(model, items.queries, z_src, layer, items.options, items.gold, prefix, batch_size)
         run.write_json(f"patching/{name}.json", eff.summary(u))
         u_others = _shared([p for p in parts if p.task != name])
@@ -323,12 +341,11 @@ def _report(run: Run, cfg: ExplainConfig, model: TransformerBridge, layer: int, 
         caption=f"{who}. As the shared figure, projected on each task's mean difference minus its shared part.",
         colorbar_title="write along remainder"))
     patch_rows = ["task,means,layer,head,shift_along_shared,gold_logprob,accuracy"]
-    grids = {}
+    shifts, logprobs = {}, {}
     for v in ("few", "shuffled"):
-        per_task = torch.stack([p.patched[v].shift(u) for p in parts]).mean(0)
-        grids[f"shift along u ({v} means)"] = per_task.numpy()
+        shifts[f"{v} means"] = torch.stack([p.patched[v].shift(u) for p in parts]).mean(0).numpy()
         lp = torch.stack([x for p in parts if (x := p.patched[v].gold_logprob) is not None]).mean(0)
-        grids[f"gold log-prob ({v} means)"] = lp.numpy()
+        logprobs[f"{v} means"] = lp.numpy()
         for p in parts:
             e = p.patched[v]
             s = e.shift(u)
@@ -337,11 +354,14 @@ def _report(run: Run, cfg: ExplainConfig, model: TransformerBridge, layer: int, 
                     patch_rows.append(f"{p.task},{v},{li},{h},{s[li, h]:.4f},"
                                       f"{_cell(e.gold_logprob, li, h)},{_cell(e.accuracy, li, h)}")
     run.write("patching.csv", "\n".join(patch_rows) + "\n")
-    run.figure("patching", plots.head_heatmaps(
-        grids, title="Causal effect of patching one head's mean z into zero-shot runs (last token)",
-        caption=f"{who}. Means from the task's own few-shot or shuffled-label prompts, patched into {cfg.n} other "
-                f"zero-shot queries per task; shift of h_{layer} along u and change of the gold option's "
-                "log-probability (normalised over options), averaged over tasks.", colorbar_title="effect"))
+    how = (f"{who}. Means from the task's own few-shot or shuffled-label prompts, patched into {cfg.n} other "
+           "zero-shot queries per task at the last token; averaged over tasks.")
+    run.figure("patching_shift", plots.head_heatmaps(
+        shifts, title=f"Causal effect of patching one head's mean z: shift of h_{layer} along the shared direction",
+        caption=how, colorbar_title="shift along u"))
+    run.figure("patching_gold_logprob", plots.head_heatmaps(
+        logprobs, title="Causal effect of patching one head's mean z: change of the gold answer's log-probability",
+        caption=how + " Log-probability normalised over the options.", colorbar_title="gold log-prob"))
     heads = [ranked[i] for i in range(min(5, len(ranked)))]
     w_src = torch.stack([p.writes for p in src]).mean(0)
     lens = logit_lens(model, {"shared direction u": u, **{f"task {p.task}": p.diffs["few"].sum(1).mean(0)
