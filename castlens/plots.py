@@ -602,7 +602,7 @@ def head_heatmaps(
                       row=1, col=i)
     fig.update_layout(coloraxis=dict(cmin=-lim, cmax=lim, colorscale="RdBu_r",
                                      colorbar=dict(title=dict(text=colorbar_title))))
-    fig = _finish(fig, title, caption, "", "", width=max(700, 90 + 30 * n_heads * len(arrays) + 60 * len(arrays)),
+    fig = _finish(fig, title, caption, "", "", width=max(700, 120 + len(arrays) * max(240, 30 * n_heads + 60)),
                   height=max(420, 22 * n_layers + 200))
     fig.update_xaxes(title_text="head", type="category")
     fig.update_yaxes(type="category")
