@@ -103,3 +103,21 @@ def test_patching_queries_leave_out_the_attribution_queries(tiny):
     assert len({e.input for e in plain.examples} & set(used)) > 0  # the draw alone would overlap
     assert len(kept.examples) == 8 and not {e.input for e in kept.examples} & set(used)
     assert len({e.input for e in kept.examples}) == 8
+
+
+def test_the_logit_lens_table_decodes_the_shared_direction_of_every_layer(explained, tiny):
+    """Row l of the per-layer table is the logit lens of the uncentred first component of the few-shot differences
+    after layer l, recomputed here from plain last_token_resid at layer 0."""
+    from castlens.mechanism import logit_lens
+
+    text = (explained / "logit_lens.md").read_text()
+    rows = [line for line in text.split("every layer up to it")[1].splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 1", "| 2"]
+    diffs = []
+    for name in (*SOURCES, *TARGETS, *EXTRA):
+        p, _ = variant_prompts(tiny, load_task(name), CFG.n, CFG.shots, CFG.seed)
+        diffs.append(last_token_resid(tiny, p["few"], layers=[0])[:, 0] - last_token_resid(tiny, p["zero"],
+                                                                                           layers=[0])[:, 0])
+    u0 = geo.uncentred_first_component(torch.cat(diffs)[:, None])["direction"][0].float()
+    (want,) = logit_lens(tiny, {"u0": u0}, k=8)
+    assert rows[0].split(" | ")[1] == " ".join(f"`{t!r}`"[0:40] for t in want.promoted).replace("|", "\\|")

@@ -191,6 +191,19 @@ def _shared(parts: Sequence[TaskMechanism], variant: str = "few") -> Tensor:
     return geo.uncentred_first_component(totals)["direction"][0].float()
 
 
+def _shared_by_layer(parts: Sequence[TaskMechanism]) -> list[Tensor]:
+    """The shared direction after each layer ``0..L``: the uncentred first component of the per-sample few-shot
+    differences ``h_l(few) - h_l(zero)``, each the sum of the embedding and the components of layers ``<= l``."""
+    labels = parts[0].labels
+    depth = torch.tensor([-1 if c == "embed" else int(c[1:].split("H")[0].split(" ")[0]) for c in labels])
+    out = []
+    for li in range(parts[0].layer + 1):
+        keep = depth <= li
+        totals = torch.cat([p.diffs["few"][:, keep].sum(1) for p in parts])[:, None]
+        out.append(geo.uncentred_first_component(totals)["direction"][0].float())
+    return out
+
+
 def _remainders(parts: Sequence[TaskMechanism], u: Tensor) -> dict[str, Tensor]:
     out = {}
     for p in parts:
@@ -368,8 +381,13 @@ def _report(run: Run, cfg: ExplainConfig, model: TransformerBridge, layer: int, 
                                                           for p in parts},
                               **{f"function vector top{k}": fv for k, fv in fvs.items()},
                               **{f"head {head_label(*lh)} (mean write)": w_src[lh] for lh in heads}}, k=8)
-    run.write("logit_lens.md", "| direction | most promoted | most suppressed |\n|---|---|---|\n" + "".join(
-        f"| {d.name} | {_tokens(d.promoted)} | {_tokens(d.suppressed)} |\n" for d in lens))
+    by_layer = logit_lens(model, {f"layer {li}": d for li, d in enumerate(_shared_by_layer(parts))}, k=8)
+    run.write("logit_lens.md", f"At layer {layer}:\n\n| direction | most promoted | most suppressed |\n|---|---|---|\n"
+              + "".join(f"| {d.name} | {_tokens(d.promoted)} | {_tokens(d.suppressed)} |\n" for d in lens)
+              + "\nThe shared direction of every layer up to it (the residual difference after layer l is the sum "
+                "of the components of layers <= l, so it comes from the same parts):\n\n"
+                "| layer | most promoted | most suppressed |\n|---|---|---|\n"
+              + "".join(f"| {d.name[6:]} | {_tokens(d.promoted)} | {_tokens(d.suppressed)} |\n" for d in by_layer))
     randoms = ["random_vector", *[f"random_vector_{k}" for k in range(1, cfg.n_random)]]
     table = summarize(targets, ["zero_shot", *SPLITS, *randoms], REFS, cfg.n_boot, cfg.seed)
     run.write("split_steering.csv", to_csv(table, COLUMNS))
