@@ -311,7 +311,7 @@ def run_explain(model: TransformerBridge, cfg: ExplainConfig, out: str | Path, d
         t = tasks[name]
         prefix, items = patch_queries(model, t, cfg.n, cfg.seed + 1, cfg.n_candidates)
         eff = patch_effects(model, items.queries, z_src, layer, items.options, items.gold, prefix, batch_size)
-        run.write_json(f"patching/{name}.json", eff.summary(u))
+        run.write_json(f"patching/{name}.effects.json", eff.summary(u))
         u_others = _shared([p for p in parts if p.task != name])
         shared, remainder = split_shared(v_whole, u)
         vectors = {"cast_mean_diff": v_whole, "cast_shared": shared, "cast_remainder": remainder,
