@@ -57,7 +57,7 @@ def test_split_steering_has_every_part_the_controls_and_paired_deltas(explained)
     assert shared["delta_whole"] != "" and shared["delta_random"] != "" and shared["delta_zero"] != ""
     assert {r["layer"] for r in rows if r["layer"]} == {"2"}  # steered at the explained layer only
     patch = _rows(explained / "patching.csv")
-    assert {r["means"] for r in patch} == {"few", "shuffled"} and len(patch) == 6 * 2 * 3 * 4
+    assert {r["means"] for r in patch} == {"few", "filler", "shuffled"} and len(patch) == 6 * 3 * 3 * 4
 
 
 def test_a_rerun_resumes_to_the_same_files_and_another_config_is_refused(explained, tiny):
@@ -121,3 +121,26 @@ def test_the_logit_lens_table_decodes_the_shared_direction_of_every_layer(explai
     u0 = geo.uncentred_first_component(torch.cat(diffs)[:, None])["direction"][0].float()
     (want,) = logit_lens(tiny, {"u0": u0}, k=8)
     assert rows[0].split(" | ")[1] == " ".join(f"`{t!r}`"[0:40] for t in want.promoted).replace("|", "\\|")
+
+
+def test_patch_intervals_are_the_mean_over_tasks_of_the_csv_with_an_interval_around_it(explained):
+    """The summary's causal-effect intervals: the mean over the source tasks of each head's shift (recomputed here
+    from patching.csv) inside a bootstrap interval over tasks; a task set of copies of one task has no spread."""
+    from castlens.experiments.explain import TaskMechanism, _shared, patch_intervals
+
+    parts = [TaskMechanism.load(explained / "parts" / "tensors" / f"{t}.safetensors")
+             for t in (*SOURCES, *TARGETS, *EXTRA)]
+    u = _shared(parts)
+    src = parts[:len(SOURCES)]
+    rows = [r for r in _rows(explained / "patching.csv") if r["means"] == "filler" and r["task"] in SOURCES]
+    for v in ("few", "filler", "shuffled"):
+        got = patch_intervals(src, u, v, 200, 0)
+        assert got["shift"].shape == (3, 4, 3) and got["gold_logprob"].shape == (3, 4, 3)
+        assert (got["shift"][..., 1] <= got["shift"][..., 0] + 1e-9).all()
+        assert (got["shift"][..., 0] <= got["shift"][..., 2] + 1e-9).all()
+    got = patch_intervals(src, u, "filler", 200, 0)["shift"]
+    for li, h in [(0, 0), (1, 2), (2, 3)]:
+        want = sum(float(r["shift_along_shared"]) for r in rows if (int(r["layer"]), int(r["head"])) == (li, h)) / 3
+        assert got[li, h, 0] == pytest.approx(want, abs=1e-4)
+    same = patch_intervals([src[0]] * 3, u, "few", 200, 0)["shift"]
+    assert same[..., 1] == pytest.approx(same[..., 0]) and same[..., 2] == pytest.approx(same[..., 0])

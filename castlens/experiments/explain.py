@@ -6,12 +6,15 @@ CAST steers and where :mod:`castlens.analysis` finds the direction most parallel
 1. **Per task** (one part each, resumable): ``n`` zero-shot prompts and their few-shot, length-matched filler and
    shuffled-label variants (:func:`castlens.analysis.variant_prompts`); every component's last-token write into
    ``h_L`` for each (:func:`castlens.mechanism.component_contributions`), kept as differences to zero-shot; each
-   head's mean few-shot and shuffled-label ``z``; then each head's mean ``z`` patched into ``n`` other zero-shot
-   queries of the task (drawn with another seed) at the last token (:func:`castlens.mechanism.patch_effects`).
+   head's mean ``z`` on each variant; then each head's mean ``z`` of each variant patched into ``n`` other
+   zero-shot queries of the task (drawn with another seed) at the last token
+   (:func:`castlens.mechanism.patch_effects`): few-shot means for the signal, shuffled-label means as the
+   function-vector paper does, filler means to see which causal effect "the prompt is longer" has.
 2. **Shared direction** ``u``: the uncentred first component of all tasks' per-sample few-shot differences at
    ``L``; each task's remainder direction is its mean difference minus its ``u`` component. Attribution table:
    every component's mean write along ``u`` and along the task's remainder, over all samples of all tasks, with
-   bootstrap intervals, for the signal and both controls.
+   bootstrap intervals, for the signal and both controls. Patching table: each head's shift along ``u`` and
+   change of the gold log-probability, as the mean over tasks with a bootstrap interval over tasks.
 3. **Per target** (one part each): the sources' mean ``z`` patched into the target's zero-shot queries; then the
    target steered at ``L`` with the CAST vector ``v`` (mean few-minus-zero difference over the sources' samples),
    its shared part ``(v . u) u``, its remainder, its part along the shared direction of the *other* tasks
@@ -54,7 +57,8 @@ from castlens.vectors import prefix_ids, random_like
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["ExplainConfig", "TaskMechanism", "run_explain", "patch_queries", "default_layer", "SPLITS", "COLUMNS"]
+__all__ = ["ExplainConfig", "TaskMechanism", "run_explain", "patch_queries", "patch_intervals", "default_layer",
+           "SPLITS", "COLUMNS"]
 
 SPLITS = ("cast_mean_diff", "cast_shared", "cast_remainder", "shared_of_others", "function_vector")
 REFS = {"zero": "zero_shot", "whole": "cast_mean_diff", "random": "random_vector"}
@@ -107,15 +111,15 @@ class ExplainConfig(ProtocolConfig):
 @dataclass(frozen=True)
 class TaskMechanism:
     """One task's part: per-sample component differences at ``L`` (``diffs[variant]`` [n, component, d]), the
-    heads' mean ``z`` on few-shot and shuffled-label prompts, their mean few-shot writes, and the patch effects
-    of each head's mean (``patched[variant]``)."""
+    heads' mean ``z`` on each variant's prompts (few-shot, filler, shuffled labels), their mean few-shot writes,
+    and the patch effects of each head's mean (``patched[variant]``)."""
 
     task: str
     labels: tuple[str, ...]
     layer: int
     n_heads: int
     diffs: dict[str, Tensor]
-    z_mean: dict[str, Tensor]          # variant ("few", "shuffled") -> [layer, head, d_head]
+    z_mean: dict[str, Tensor]          # variant (VARIANTS) -> [layer, head, d_head]
     writes: Tensor                     # [layer, head, d_model]
     patched: dict[str, PatchEffects]   # variant -> effects on this task's zero-shot queries
 
@@ -178,7 +182,7 @@ def _mechanism(model: TransformerBridge, task: Task, cfg: ExplainConfig, layer: 
     got: dict[str, Contributions] = {v: component_contributions(model, prompts[v], layer, batch_size)
                                      for v in VARIANTS}
     diffs = {v: got[v].values - zero.values for v in VARIANTS}
-    z_mean = {v: got[v].z.mean(0) for v in ("few", "shuffled")}
+    z_mean = {v: got[v].z.mean(0) for v in VARIANTS}
     prefix, items = patch_queries(model, task, cfg.n, cfg.seed, cfg.n_candidates, used)
     patched = {v: patch_effects(model, items.queries, z, layer, items.options, items.gold, prefix, batch_size)
                for v, z in z_mean.items()}
@@ -235,6 +239,17 @@ def attribution_rows(parts: Sequence[TaskMechanism], u: Tensor, rest: dict[str, 
             rows.append(AttributionRow(v, label, (float(a[0][c]), float(a[1][c]), float(a[2][c])),
                                        (float(off_ci[0][c]), float(off_ci[1][c]), float(off_ci[2][c]))))
     return rows
+
+
+def patch_intervals(parts: Sequence[TaskMechanism], u: Tensor, variant: str, n_boot: int, seed: int
+                    ) -> dict[str, np.ndarray]:
+    """Per head, the patch effect of ``variant``'s means as the mean over ``parts`` (tasks) with a percentile
+    bootstrap interval over tasks: ``"shift"`` (along ``u``) and, where scored, ``"gold_logprob"``; each
+    [layer, head, 3] (mean, lo, hi)."""
+    per_task = {"shift": [p.patched[variant].shift(u) for p in parts],
+                "gold_logprob": [x for p in parts if (x := p.patched[variant].gold_logprob) is not None]}
+    return {k: torch.stack(geo.bootstrap_mean_ci(torch.stack(xs, -1).double(), n_boot, seed=seed), -1).numpy()
+            for k, xs in per_task.items() if xs}
 
 
 def _grid(rows: Sequence[AttributionRow], variant: str, which: str, layers: int, heads: int) -> np.ndarray:
@@ -355,7 +370,7 @@ def _report(run: Run, cfg: ExplainConfig, model: TransformerBridge, layer: int, 
         colorbar_title="write along remainder"))
     patch_rows = ["task,means,layer,head,shift_along_shared,gold_logprob,accuracy"]
     shifts, logprobs = {}, {}
-    for v in ("few", "shuffled"):
+    for v in VARIANTS:
         shifts[f"{v} means"] = torch.stack([p.patched[v].shift(u) for p in parts]).mean(0).numpy()
         lp = torch.stack([x for p in parts if (x := p.patched[v].gold_logprob) is not None]).mean(0)
         logprobs[f"{v} means"] = lp.numpy()
@@ -367,8 +382,8 @@ def _report(run: Run, cfg: ExplainConfig, model: TransformerBridge, layer: int, 
                     patch_rows.append(f"{p.task},{v},{li},{h},{s[li, h]:.4f},"
                                       f"{_cell(e.gold_logprob, li, h)},{_cell(e.accuracy, li, h)}")
     run.write("patching.csv", "\n".join(patch_rows) + "\n")
-    how = (f"{who}. Means from the task's own few-shot or shuffled-label prompts, patched into {cfg.n} other "
-           "zero-shot queries per task at the last token; averaged over tasks.")
+    how = (f"{who}. Means from the task's own few-shot, filler or shuffled-label prompts, patched into {cfg.n} "
+           "other zero-shot queries per task at the last token; averaged over tasks.")
     run.figure("patching_shift", plots.head_heatmaps(
         shifts, title=f"Causal effect of patching one head's mean z: shift of h_{layer} along the shared direction",
         caption=how, colorbar_title="shift along u"))
@@ -401,7 +416,7 @@ def _report(run: Run, cfg: ExplainConfig, model: TransformerBridge, layer: int, 
         title=f"Which part of the CAST vector transfers (steered at layer {layer})",
         caption=f"{who}. Each part's strength (the function vector's size too) chosen on dev, tested once; "
                 f"random_vector: the first of {cfg.n_random} norm-matched draws. Bars: 95% bootstrap intervals."))
-    run.write("summary.md", _summary(cfg, layer, rows, parts, u, score, ranked, table, targets, who))
+    run.write("summary.md", _summary(cfg, layer, rows, parts, u, ranked, table, targets, who))
     return table
 
 
@@ -414,7 +429,7 @@ def _tokens(tokens: Sequence[str]) -> str:
 
 
 def _summary(cfg: ExplainConfig, layer: int, rows: Sequence[AttributionRow], parts: Sequence[TaskMechanism],
-             u: Tensor, score: Tensor, ranked: list[tuple[int, int]], table: Sequence[Row],
+             u: Tensor, ranked: list[tuple[int, int]], table: Sequence[Row],
              targets: Sequence[TargetResult], who: str) -> str:
     def top(variant: str, k: int = 8) -> list[AttributionRow]:
         mine = [r for r in rows if r.variant == variant and r.component != "embed"]
@@ -436,13 +451,16 @@ def _summary(cfg: ExplainConfig, layer: int, rows: Sequence[AttributionRow], par
     for r in top("few", 12):
         f_, s_ = by[("filler", r.component)], by[("shuffled", r.component)]
         lines.append(f"| {r.component} | {_iv(r.shared)} | {_iv(f_.shared)} | {_iv(s_.shared)} | {_iv(r.remainder)} |")
-    lines += ["", "## Heads by causal effect (patched mean few-shot z, mean over the sources)", "",
-              "| head | shift of h_L along u | gold log-prob change (own tasks, mean) |", "|---|---|---|"]
-    src_lp = [p.patched["few"].gold_logprob for p in parts if p.task in cfg.sources]
-    mean_lp = torch.stack([x for x in src_lp if x is not None]).mean(0) if src_lp else None
+    src = [p for p in parts if p.task in cfg.sources]
+    effect = {v: patch_intervals(src, u, v, cfg.n_boot, cfg.seed) for v in VARIANTS}
+    lines += ["", f"## Heads by causal effect (each head's mean z patched at the last token; mean over the "
+              f"{len(src)} sources with a bootstrap interval over tasks)", "",
+              "| head | shift of h_L along u, few-shot means | filler means | shuffled-label means | "
+              "gold log-prob change (few-shot means, own tasks) |", "|---|---|---|---|---|"]
     for lh in ranked[:10]:
-        lp = "" if mean_lp is None else f"{float(mean_lp[lh]):+.3f}"
-        lines.append(f"| {head_label(*lh)} | {float(score[lh]):+.3f} | {lp} |")
+        lp = effect["few"].get("gold_logprob")
+        lines.append(f"| {head_label(*lh)} | " + " | ".join(_iv(effect[v]["shift"][lh]) for v in VARIANTS)
+                     + f" | {'' if lp is None else _iv(lp[lh])} |")
     lines += ["", "## Which part transfers (steered at layer L, strengths tuned on dev, test once)", "",
               "| target | method | accuracy % | vs zero-shot | vs whole vector | vs random (draw 0) | setting |",
               "|---|---|---|---|---|---|---|"]
@@ -465,5 +483,5 @@ def _summary(cfg: ExplainConfig, layer: int, rows: Sequence[AttributionRow], par
     return "\n".join(lines) + "\n"
 
 
-def _iv(x: tuple[float, float, float]) -> str:
+def _iv(x: Sequence[float]) -> str:
     return f"{x[0]:+.3f} [{x[1]:+.3f}, {x[2]:+.3f}]"
