@@ -147,7 +147,8 @@ def _transfer(a: argparse.Namespace, sources: Sequence[str], targets: Sequence[s
 
 def cmd_transfer(a: argparse.Namespace) -> int:
     _transfer(a, a.sources, a.targets, Path(a.out), dev=a.dev, limit=a.limit, layers=a.layers, strengths=a.strengths,
-              select=a.select, n_boot=a.n_boot, pool=a.pool, embedder=a.embedder, n_random=a.n_random)
+              select=a.select, n_boot=a.n_boot, pool=a.pool, embedder=a.embedder, n_random=a.n_random,
+              mc_scoring=a.mc_scoring)
     return 0
 
 
@@ -196,7 +197,7 @@ def cmd_selection_study(a: argparse.Namespace) -> int:
     cfg = StudyConfig(model=a.model, sources=a.sources, targets=a.targets, methods=a.methods,
                       ablation_n=a.ablation_n, ns=a.ns, scale_methods=a.scale_methods, shots=a.shots, dev=a.dev,
                       limit=a.limit, icl_limit=a.icl_limit or None, strengths=a.strengths, pool=a.pool, seed=a.seed,
-                      n_boot=a.n_boot, layers=a.layers, embedder=a.embedder)
+                      n_boot=a.n_boot, layers=a.layers, embedder=a.embedder, mc_scoring=a.mc_scoring)
     model = _load(a, [*a.sources, *a.targets])
     t0 = time.perf_counter()
     ablation, _ = run_study(model, dataclasses.replace(cfg, model=model_name(model)), Path(a.out), a.data_dir,
@@ -313,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
             "embedder": (("--embedder",), dict(default="model", choices=["model", "minilm"], help="embeddings for "
                          "the graph search: the model's middle-layer residual stream, or all-MiniLM-L6-v2")),
             "batch_size": (("--batch-size",), dict(type=int, default=16)),
+            "mc_scoring": (("--mc-scoring",), dict(default="letter", choices=["letter", "text"], help="multiple-"
+                           "choice tasks: score each option's letter, or its text (lm-evaluation-harness; acc and "
+                           "acc_norm), in demonstrations and answers alike")),
         }
         for n in names:
             args, kw = spec[n]
@@ -337,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = command("transfer", cmd_transfer, "CAST steering against zero-shot, in-task and cross-task ICL on targets")
     add(tr, "sources", "targets", "shots", "dev", "limit", "n_boot", "out", "layers", "pool", "embedder",
-        "batch_size")
+        "batch_size", "mc_scoring")
     tr.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0), help="strengths to sweep")
     tr.add_argument("--n", type=int, default=32, help="source samples behind every vector")
     tr.add_argument("--n-random", type=int, default=1, help="norm-matched random control vectors, each tuned by the "
@@ -378,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     ss = command("selection-study", cmd_selection_study, "CAST source-sample selection ablation and scaling "
                  "against cross-task ICL")
     add(ss, "sources", "targets", "shots", "dev", "limit", "n_boot", "out", "layers", "pool", "embedder",
-        "batch_size")
+        "batch_size", "mc_scoring")
     ss.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0, 8.0), help="strengths to sweep")
     ss.add_argument("--methods", type=_names, default=SELECTION_METHODS, help="selection methods of the ablation")
     ss.add_argument("--ablation-n", type=int, default=32, help="source samples per vector in the ablation")

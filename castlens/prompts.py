@@ -36,21 +36,36 @@ class PromptFormat:
     answer_prefix: str = "Answer:"
     separator: str = "\n\n"
     verbalizers: dict[str, str] = field(default_factory=dict)
+    choice_labels: tuple[str, ...] = ()   # set: an item's answer is its option text, choices[labels.index(output)]
 
     def verbalize(self, label: str) -> str:
         return self.verbalizers.get(label, label)
 
+    def answer(self, ex: Example) -> str:
+        """The text of ``ex``'s answer: its verbalised label, or (option-text scoring) its option's text."""
+        if not self.choice_labels:
+            return self.verbalize(ex.output)
+        i = self.choice_labels.index(ex.output)
+        if ex.choices is None or i >= len(ex.choices):
+            raise TaskError(f"the answer {ex.output!r} of item {ex.input[:60]!r} has no option text")
+        return ex.choices[i]
+
     def render(self, ex: Example, with_answer: bool) -> str:
         text = self.input_template.format(input=ex.input) + "\n" + self.answer_prefix
-        return text + " " + self.verbalize(ex.output) if with_answer else text
+        return text + " " + self.answer(ex) if with_answer else text
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def default_format(task: Task) -> PromptFormat:
-    """The task's own instruction, else for classification a list of the allowed answers."""
+    """The task's own instruction, else for classification a list of the allowed answers; a task scored by option
+    text (:func:`castlens.tasks.with_mc_scoring`) answers with the option's text and has no default instruction
+    (the item lists its options; lm-evaluation-harness's prompts have none either)."""
     instruction = task.instruction
+    if task.mc_scoring == "text" and task.multiple_choice:
+        assert task.labels is not None
+        return PromptFormat(instruction=instruction, choice_labels=task.labels)
     if instruction is None and task.kind == "classification" and task.labels:
         instruction = "Answer with one of: " + ", ".join(task.labels) + "."
     return PromptFormat(instruction=instruction)

@@ -13,6 +13,7 @@ Bad input raises :class:`TaskError` naming the task and the item; nothing is ski
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 KINDS = ("classification", "generation")
+# How a multiple-choice item's answer is written and scored: its label (a letter) or its option text.
+MC_SCORING = ("letter", "text")
 # The cross-task ICL setup CAST compares against (Chatterjee et al. 2024): high-resource sources, low-resource targets.
 CAST_SOURCES = ("ag_news", "arc_easy", "boolq", "commonsense_qa", "mnli", "qqp", "race", "sst2")
 CAST_TARGETS = ("arc_challenge", "financial_phrasebank", "medmcqa", "sciq", "social_i_qa")
@@ -51,6 +54,13 @@ class Task:
     description: str = ""
     instruction: str | None = None  # an explicit task definition; None lets the prompt format choose one
     source: str = field(default="builtin")
+    mc_scoring: str = "letter"      # MC_SCORING: answers as labels, or as each item's option text (with_mc_scoring)
+
+    @property
+    def multiple_choice(self) -> bool:
+        """A classification task whose items carry their option texts (``choices``)."""
+        return self.kind == "classification" and bool(self.labels) and any(
+            e.choices for e in (*self.train, *self.test))
 
     def split(self, name: str) -> list[Example]:
         """The examples of split ``name`` (``train`` or ``test``); an empty or unknown split is an error."""
@@ -173,7 +183,31 @@ def task_from_dict(d: object, origin: str = "dict") -> Task:
         raise TaskError(f"task {name!r}: 'instruction' must be a string")
     return Task(name=name, kind=d["kind"], labels=labels, language=str(d.get("language", "en")),
                 description=str(d.get("description", "")), instruction=d.get("instruction"), source=origin,
-                **splits)
+                train=splits["train"], test=splits["test"])
+
+
+def with_mc_scoring(task: Task, mode: str) -> Task:
+    """``task`` with its multiple-choice answers written and scored as ``mode``::
+
+        letter   Question ... A. x  B. y ...  Answer: B          options: the labels A, B, ...
+        text     Question ... A. x  B. y ...  Answer: y          options: the item's choices (lm-evaluation-harness)
+
+    The label stays the stored output (splits, strata and gold indices do not change); only the answer text
+    does. A task without option texts is the same under both modes (its labels are its answers' text) and comes
+    back unchanged. Every item of a text-scored task must have a choice for its label."""
+    if mode not in MC_SCORING:
+        raise ValueError(f"unknown multiple-choice scoring {mode!r}; available: {', '.join(MC_SCORING)}")
+    if mode == task.mc_scoring or not task.multiple_choice:
+        return task
+    if mode == "text":
+        assert task.labels is not None
+        for split in ("train", "test"):
+            for i, e in enumerate(getattr(task, split)):
+                if e.choices is None or task.labels.index(e.output) >= len(e.choices):
+                    have = "no choices" if e.choices is None else f"{len(e.choices)} choices"
+                    raise TaskError(f"task {task.name!r}, {split}[{i}]: option-text scoring needs the text of "
+                                    f"option {e.output!r}, but the item has {have}")
+    return dataclasses.replace(task, mc_scoring=mode)
 
 
 def load_task(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Task:

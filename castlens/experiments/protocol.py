@@ -34,7 +34,7 @@ from castlens.prompts import PromptFormat, default_format, sample_demos
 from castlens.reuse import UNSTEERED, prefix_option_logprobs
 from castlens.reuse import Setting as Steer
 from castlens.experiments.run import Run
-from castlens.tasks import Example, Task, TaskError, load_task
+from castlens.tasks import Example, Task, TaskError, load_task, with_mc_scoring
 from castlens.vectors import prefix_ids, text_ids
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class ProtocolConfig:
     limit: int | None = None         # test items (None: the whole test split)
     n_candidates: int = 4            # answer candidates for generation targets
     seed: int = 0
+    mc_scoring: str = "letter"       # multiple-choice answers as letters or option texts (castlens.tasks.MC_SCORING)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,8 +133,11 @@ def split_dev(task: Task, dev: int, shots: int, seed: int) -> tuple[list[Example
 
 def options_for(task: Task, ex: Example, fmt: PromptFormat, n_candidates: int = 4, seed: int = 0
                 ) -> tuple[list[str], int]:
-    """Answer options of one item and the gold index: a classification task's labels (verbalised); for a
-    generation task, the gold output among ``n_candidates`` distinct outputs of the task's other items."""
+    """Answer options of one item and the gold index: a classification task's labels (verbalised), or under
+    option-text scoring the item's option texts; for a generation task, the gold output among ``n_candidates``
+    distinct outputs of the task's other items."""
+    if fmt.choice_labels and ex.choices:
+        return list(ex.choices), fmt.choice_labels.index(ex.output)
     if task.kind == "classification" and task.labels:
         return [fmt.verbalize(label) for label in task.labels], task.labels.index(ex.output)
     others = sorted({e.output for e in task.train + task.test if e.output != ex.output})
@@ -149,12 +153,14 @@ def options_for(task: Task, ex: Example, fmt: PromptFormat, n_candidates: int = 
 
 @dataclass(frozen=True)
 class Items:
-    """Encoded items: query token ids, option token ids per query (``" " + option``) and gold indices."""
+    """Encoded items: query token ids, option token ids per query (``" " + option``) and gold indices; under
+    option-text scoring also each option's character count (``" " + option``), for ``acc_norm``."""
 
     examples: list[Example]
     queries: list[list[int]]
     options: list[list[list[int]]]
     gold: list[int]
+    option_chars: list[list[int]] | None = None
 
     @property
     def query_tokens(self) -> float:
@@ -162,14 +168,16 @@ class Items:
 
     def subset(self, idx: Sequence[int]) -> Items:
         return Items([self.examples[i] for i in idx], [self.queries[i] for i in idx],
-                     [self.options[i] for i in idx], [self.gold[i] for i in idx])
+                     [self.options[i] for i in idx], [self.gold[i] for i in idx],
+                     None if self.option_chars is None else [self.option_chars[i] for i in idx])
 
 
 def encode(model: TransformerBridge, task: Task, fmt: PromptFormat, items: Sequence[Example],
            n_candidates: int = 4, seed: int = 0) -> Items:
     opts = [options_for(task, e, fmt, n_candidates, seed) for e in items]
+    chars = [[len(" " + o) for o in texts] for texts, _ in opts] if fmt.choice_labels else None
     return Items(list(items), [text_ids(model, fmt.render(e, False)) for e in items],
-                 [[text_ids(model, " " + o) for o in texts] for texts, _ in opts], [g for _, g in opts])
+                 [[text_ids(model, " " + o) for o in texts] for texts, _ in opts], [g for _, g in opts], chars)
 
 
 @dataclass(frozen=True)
@@ -212,7 +220,8 @@ def test_items(task: Task, limit: int | None, seed: int = 0) -> list[int]:
 def prepare(model: TransformerBridge, task: Task, cfg: ProtocolConfig, dev: Sequence[Example] | None = None
             ) -> Prepared:
     """``task`` split into dev (``cfg.dev`` train items, or the given ``dev``), the demonstration pool and the
-    test items (:func:`test_items`), encoded."""
+    test items (:func:`test_items`), encoded; answers written as ``cfg.mc_scoring`` says."""
+    task = with_mc_scoring(task, cfg.mc_scoring)
     fmt = default_format(task)
     if dev is None:
         dev, pool = split_dev(task, cfg.dev, cfg.shots, cfg.seed)
@@ -233,11 +242,19 @@ def label_baselines(gold: Sequence[int], options: Sequence[Sequence]) -> tuple[f
 
 
 def method_result(scores: Tensor, items: Items, prompt_tokens: float, seconds: float,
-                  setting: Setting | None = None, keep_scores: bool = False, demos_used: int | None = None
-                  ) -> MethodResult:
+                  setting: Setting | None = None, keep_scores: bool = False, demos_used: int | None = None,
+                  normalized: bool = True) -> MethodResult:
+    """Predictions and correctness from ``scores`` [item, option]; ``correct_norm`` too where the items carry
+    option lengths and ``normalized`` (scores that are summed log-probabilities, not calibrated ones)."""
     pred = scores.argmax(-1).tolist()
+    norm = None
+    if items.option_chars is not None and normalized:  # acc_norm: summed log-prob / characters
+        chars = torch.ones_like(scores)
+        for i, c in enumerate(items.option_chars):
+            chars[i, :len(c)] = torch.tensor(c, dtype=scores.dtype)
+        norm = [int(p == g) for p, g in zip((scores / chars).argmax(-1).tolist(), items.gold)]
     return MethodResult(pred, [int(p == g) for p, g in zip(pred, items.gold)], prompt_tokens, seconds, setting,
-                        scores.tolist() if keep_scores else None, demos_used)
+                        scores.tolist() if keep_scores else None, demos_used, norm)
 
 
 # ---------------------------------------------------------------- choosing a setting
@@ -351,18 +368,24 @@ def calibrated_zero_shot(model: TransformerBridge, target: Prepared, batch_size:
         y_hat(x) = argmax_y  log softmax_y score(y | x) - log p_cf(y)
 
     It fixes a label bias (a model that answers one label to everything) without steering, so a steering gain
-    must beat it too. Classification targets only (a generation target's options differ per item)."""
+    must beat it too. Classification targets only (a generation target's options differ per item). Under
+    option-text scoring the options differ per item too, so the prior is each item's own: its option texts
+    scored after the content-free inputs."""
     if target.task.kind != "classification" or not target.task.labels:
         return {}
     t = target.test
     t0 = time.perf_counter()
-    cf = encode(model, target.task, target.fmt, [Example(x, target.task.labels[0]) for x in CONTENT_FREE],
+    per_item = target.fmt.choice_labels != ()
+    keep = t.examples if per_item else t.examples[:1]
+    cf = encode(model, target.task, target.fmt, [Example(x, e.output, e.choices) for e in keep for x in CONTENT_FREE],
                 seed=target.seed)
     prior = prefix_option_logprobs(model, target.zero_prefix, cf.queries, cf.options, batch_size=batch_size)[0]
-    log_prior = torch.log_softmax(prior, -1).exp().mean(0).log()
+    prior = torch.log_softmax(prior.clamp_min(-1e30), -1).exp().reshape(len(keep), len(CONTENT_FREE), -1)
+    log_prior = prior.mean(1).log().nan_to_num(0.0, neginf=0.0)  # [item or 1, option]; 0 where no option
     scores = prefix_option_logprobs(model, target.zero_prefix, t.queries, t.options, batch_size=batch_size)[0]
     return {"calibrated_zero_shot": method_result(torch.log_softmax(scores, -1) - log_prior, t,
-                                                  len(target.zero_prefix) + t.query_tokens, time.perf_counter() - t0)}
+                                                  len(target.zero_prefix) + t.query_tokens, time.perf_counter() - t0,
+                                                  normalized=False)}
 
 
 def input_digests(model: TransformerBridge, tasks: Sequence[Task]) -> dict[str, str]:
@@ -402,7 +425,8 @@ def open_run(model: TransformerBridge, cfg: ProtocolConfig, out: str | Path, dat
         raise ValueError(f"the config names model {getattr(cfg, 'model', None)!r} but the loaded model is "
                          f"{model_name(model)!r}")
     check_layers(layers, model.cfg.n_layers)
-    sources = {t.name: t for t in (load_task(s, data_dir) for s in getattr(cfg, "sources", ()))}
-    targets = {t.name: t for t in (load_task(s, data_dir) for s in getattr(cfg, "targets", ()))}
+    mode = cfg.mc_scoring
+    sources = {t.name: t for t in (with_mc_scoring(load_task(s, data_dir), mode) for s in getattr(cfg, "sources", ()))}
+    targets = {t.name: t for t in (with_mc_scoring(load_task(s, data_dir), mode) for s in getattr(cfg, "targets", ()))}
     run = Run(out, cfg, png=png, log=log, inputs=input_digests(model, [*sources.values(), *targets.values()]))
     return run, sources, targets

@@ -94,10 +94,17 @@ class MethodResult:
     setting: Setting | None = None
     scores: list[list[float]] | None = None      # every option's log-probability, when kept
     demos_used: int | None = None                # in-context demonstrations that fit, for ICL methods
+    correct_norm: list[int] | None = None        # option-text scoring: right by length-normalised score (acc_norm)
 
     @property
     def accuracy(self) -> float:
         return float(np.mean(self.correct))
+
+    @property
+    def accuracy_norm(self) -> float | None:
+        """``acc_norm`` (lm-evaluation-harness): accuracy when each option's log-prob is divided by its length in
+        characters; ``None`` unless the run scored option texts."""
+        return None if self.correct_norm is None else float(np.mean(self.correct_norm))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"pred": self.pred, "correct": self.correct, "prompt_tokens": self.prompt_tokens,
@@ -107,18 +114,23 @@ class MethodResult:
             d["scores"] = self.scores
         if self.demos_used is not None:
             d["demos_used"] = self.demos_used
+        if self.correct_norm is not None:
+            d["correct_norm"] = self.correct_norm
         return d
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any]) -> MethodResult:
         return cls(list(d["pred"]), list(d["correct"]), d["prompt_tokens"], d["seconds"],
-                   Setting.from_applied(name, d.get("setting")), d.get("scores"), d.get("demos_used"))
+                   Setting.from_applied(name, d.get("setting")), d.get("scores"), d.get("demos_used"),
+                   d.get("correct_norm"))
 
     def subset(self, items: Sequence[int]) -> MethodResult:
         """The same method restricted to ``items`` (indices into the test items)."""
         return dataclasses.replace(self, pred=[self.pred[i] for i in items],
                                    correct=[self.correct[i] for i in items],
-                                   scores=None if self.scores is None else [self.scores[i] for i in items])
+                                   scores=None if self.scores is None else [self.scores[i] for i in items],
+                                   correct_norm=None if self.correct_norm is None else
+                                   [self.correct_norm[i] for i in items])
 
 
 @dataclass(frozen=True)
@@ -207,6 +219,7 @@ class Row:
     deltas: dict[str, Interval] = field(default_factory=dict)
     n_samples: int | None = None
     demos_used: float | None = None
+    accuracy_norm: float | None = None   # acc_norm, where the run scored option texts (MethodResult.correct_norm)
 
     def cells(self) -> dict[str, Any]:
         """The row as named cells, for CSV: ``delta_<ref>``, ``_lo``, ``_hi`` and ``_noise`` per reference."""
@@ -216,7 +229,7 @@ class Row:
                              "n_test": self.n_test, "prompt_tokens": self.prompt_tokens,
                              "layer": None if s is None else s.layer, "strength": None if s is None else s.strength,
                              "chance": self.chance, "majority": self.majority, "n_samples": self.n_samples,
-                             "demos_used": self.demos_used}
+                             "demos_used": self.demos_used, "acc_norm": self.accuracy_norm}
         for ref, iv in self.deltas.items():
             d.update({f"delta_{ref}": iv.point, f"delta_{ref}_lo": iv.lo, f"delta_{ref}_hi": iv.hi,
                       f"delta_{ref}_noise": iv.noise})
@@ -250,7 +263,7 @@ def summarize(parts: Sequence[TargetResult], methods: Sequence[str], refs: Mappi
             acc, f1 = accuracy_and_macro_f1(res.pred, p.gold)
             lo, hi = _ci(draws[(p.target, m)])
             rows.append(Row(p.target, m, acc, lo, hi, f1 if p.kind == "classification" else None, p.n_test,
-                            res.prompt_tokens, res.setting, p.chance, p.majority))
+                            res.prompt_tokens, res.setting, p.chance, p.majority, accuracy_norm=res.accuracy_norm))
     means: list[Row] = []
     for m in methods:
         mine = [r for r in rows if r.method == m]
@@ -260,9 +273,11 @@ def summarize(parts: Sequence[TargetResult], methods: Sequence[str], refs: Mappi
         draws[("mean", m)] = np.mean([draws[(r.target, m)] for r in mine], 0)
         lo, hi = _ci(draws[("mean", m)])
         f1s = [r.macro_f1 for r in mine if r.macro_f1 is not None]
+        norms = [r.accuracy_norm for r in mine if r.accuracy_norm is not None]
         means.append(Row(label, m, float(np.mean([r.accuracy for r in mine])), lo, hi,
                          float(np.mean(f1s)) if len(f1s) == len(mine) else None, sum(r.n_test for r in mine),
-                         float(np.mean([r.prompt_tokens for r in mine])), mean=True))
+                         float(np.mean([r.prompt_tokens for r in mine])), mean=True,
+                         accuracy_norm=float(np.mean(norms)) if len(norms) == len(mine) else None))
     out = []
     for r in rows + means:
         key = "mean" if r.mean else r.target

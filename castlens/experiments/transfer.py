@@ -54,7 +54,7 @@ REFS = {"zero": "zero_shot", "cross_icl": "icl_cross_task", "random": "random_ve
 COLUMNS = ["target", "method", "accuracy", "ci_lo", "ci_hi", "macro_f1", "delta_zero", "delta_zero_lo",
            "delta_zero_hi", "delta_zero_noise", "delta_cross_icl", "delta_cross_icl_lo", "delta_cross_icl_hi",
            "delta_cross_icl_noise", "delta_random", "delta_random_lo", "delta_random_hi", "delta_random_noise",
-           "prompt_tokens", "layer", "strength", "n_test", "chance", "majority"]
+           "prompt_tokens", "layer", "strength", "n_test", "chance", "majority", "acc_norm"]
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,15 @@ def sweep_figure(p: TargetResult, caption: str = "") -> Any:
                                 baselines={"zero-shot (dev)": p.sweep[0].dev_accuracy, "chance": p.chance})
 
 
+_MC_SCORING = {
+    "letter": "Multiple-choice tasks are scored by their option letters (the prompt lists the options).",
+    "text": "Multiple-choice tasks are scored by option text (`--mc-scoring text`, as lm-evaluation-harness): each "
+            "option's summed log-probability after `Answer:`, in demonstrations too; accuracy is `acc` (it chooses "
+            "the settings on dev), `acc_norm` divides each option's score by its length in characters. "
+            "Calibrated zero-shot uses each item's own content-free prior over its options.",
+}
+
+
 def _markdown(rows: Sequence[Row], cfg: TransferConfig, targets: list[str], ms: dict,
               records: Sequence[SourceRecord]) -> str:
     lines = [f"# Transfer: {', '.join(cfg.sources)} -> {', '.join(targets)}", "",
@@ -251,13 +260,17 @@ def _markdown(rows: Sequence[Row], cfg: TransferConfig, targets: list[str], ms: 
              "paired difference in points; `~` marks an interval that contains 0 (inside the noise). \"vs random "
              "vector\": against the norm-matched random vector tuned by the same dev sweep, the control a steering "
              "gain must beat (a model that answers one label to everything rewards any push off it).", "",
-             "| target | method | accuracy | macro-F1 | vs zero-shot | vs cross-task ICL | vs random vector | "
-             "layer x strength | prompt tokens/query |", "|---|---|---|---|---|---|---|---|---|"]
+             _MC_SCORING[cfg.mc_scoring], ""]
+    norm = any(r.accuracy_norm is not None for r in rows)
+    lines += ["| target | method | accuracy | " + ("acc_norm | " if norm else "") + "macro-F1 | vs zero-shot | "
+              "vs cross-task ICL | vs random vector | layer x strength | prompt tokens/query |",
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if norm else "")]
     for r in rows:
         s = r.setting
         setting = f"{s.layer} x {s.strength:g}" if s is not None and s.layer is not None else ""
+        acc_norm = "" if not norm else ("| " if r.accuracy_norm is None else f"| {100 * r.accuracy_norm:.1f} ")
         lines.append(f"| {r.target} | {r.method} | {100 * r.accuracy:.1f} [{100 * r.ci_lo:.1f}, {100 * r.ci_hi:.1f}] "
-                     f"| {'n/a' if r.macro_f1 is None else f'{100 * r.macro_f1:.1f}'} | "
+                     f"{acc_norm}| {'n/a' if r.macro_f1 is None else f'{100 * r.macro_f1:.1f}'} | "
                      f"{fmt_interval(r.deltas.get('zero'))} | "
                      f"{fmt_interval(r.deltas.get('cross_icl'))} | {fmt_interval(r.deltas.get('random'))} | "
                      f"{setting} | {r.prompt_tokens:.0f} |")
