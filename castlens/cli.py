@@ -148,7 +148,7 @@ def _transfer(a: argparse.Namespace, sources: Sequence[str], targets: Sequence[s
 def cmd_transfer(a: argparse.Namespace) -> int:
     _transfer(a, a.sources, a.targets, Path(a.out), dev=a.dev, limit=a.limit, layers=a.layers, strengths=a.strengths,
               select=a.select, n_boot=a.n_boot, pool=a.pool, embedder=a.embedder, n_random=a.n_random,
-              mc_scoring=a.mc_scoring)
+              mc_scoring=a.mc_scoring, function_vector=a.function_vector, fv_heads=a.fv_heads)
     return 0
 
 
@@ -344,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
         "batch_size", "mc_scoring")
     tr.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0), help="strengths to sweep")
     tr.add_argument("--n", type=int, default=32, help="source samples behind every vector")
+    tr.add_argument("--function-vector", action="store_true", help="add a function vector (Todd et al. 2024): the "
+                    "top-k heads by causal effect on the sources, their mean few-shot writes summed")
+    tr.add_argument("--fv-heads", type=_numbers(int), default=(1, 3, 5, 10), help="function-vector sizes k, "
+                    "chosen on dev")
     tr.add_argument("--n-random", type=int, default=1, help="norm-matched random control vectors, each tuned by the "
                     "same sweep (their mean, spread and CAST's rank among them are reported when > 1)")
     tr.add_argument("--select", default="random", choices=list(SELECTION_METHODS),

@@ -76,7 +76,7 @@ def test_run_outputs_and_dev_chosen_settings(tmp_path, tiny):
         assert (out / f).exists(), f
     part = json.loads((out / "parts" / "plural.part.json").read_text())
     # plural is a generation target: no contextual calibration (its options are drawn per item)
-    assert set(part["methods"]) == set(tr.METHODS) - {"calibrated_zero_shot"}
+    assert set(part["methods"]) == set(tr.METHODS) - {"calibrated_zero_shot", "function_vector"}  # FV: opt-in
     assert part["n_test"] == 8 and part["n_dev"] == 6
     for c in tr.CONSTRUCTIONS:  # the test setting is the dev argmax of its construction
         best = max(r["dev_accuracy"] for r in part["sweep"] if r["construction"] == c)
@@ -227,3 +227,40 @@ def test_random_controls_as_a_distribution(tmp_path, tiny):
     row = next(line for line in md.splitlines() if line.startswith("| plural | ") and " of 4 |" in line)
     assert row.split("|")[5].strip() == f"{rank} of 4"
     assert f"{100 * np.mean(acc):.1f}" == row.split("|")[2].strip()
+
+
+def test_function_vector_is_the_sum_of_the_top_heads_mean_writes_recomputed_by_hand(tmp_path, tiny):
+    """--function-vector: the saved top-k vector equals the sum over the saved top-k heads of z @ W_O[l, h] at
+    each few-shot prompt's last token (plain run_with_cache), averaged over the samples; the construction is in
+    the tables with its k."""
+    import torch
+    from safetensors import safe_open
+
+    from castlens.experiments.sources import SourceRecord, _few_prefix, source_demos
+    from castlens.vectors import text_ids
+
+    cfg = tr.TransferConfig(**{**CFG, "targets": ("plural",)}, function_vector=True, fv_heads=(1, 3), n_random=2)
+    tr.run_transfer(tiny, cfg, tmp_path / "fv", png=False, log=lambda s: None)
+    out = tmp_path / "fv"
+    with safe_open(str(out / "function_vectors.safetensors"), "pt") as f:
+        heads = [tuple(h) for h in json.loads(f.metadata()["heads"])]
+        top3, effect = f.get_tensor("top3"), f.get_tensor("effect")
+    assert effect.shape == (tiny.cfg.n_layers, tiny.cfg.n_heads) and len(heads) == 3
+    assert float(effect[heads[0]]) == float(effect.max())
+    record = SourceRecord.from_dict(json.loads((out / "sources.json").read_text()))
+    sources = {t: load_task(t) for t in cfg.sources}
+    demos = source_demos(list(sources.values()), cfg.shots, cfg.seed)
+    want, n = torch.zeros(tiny.cfg.d_model), 0
+    for t, i in record.samples:
+        fmt = default_format(sources[t])
+        ids = _few_prefix(tiny, sources[t], demos[t]) + text_ids(tiny, fmt.render(sources[t].train[i], False))
+        _, cache = tiny.run_with_cache(torch.tensor([ids]))
+        for layer, h in heads:
+            z = cache[f"blocks.{layer}.attn.hook_z"][0, -1, h]
+            w_o = tiny.blocks[layer].attn.o.weight.T.reshape(tiny.cfg.n_heads, tiny.cfg.d_head, -1)[h]
+            want += z @ w_o
+        n += 1
+    assert torch.allclose(top3, want / n, atol=1e-4)
+    part = json.loads((out / "parts" / "plural.part.json").read_text())
+    assert part["methods"]["function_vector"]["setting"]["vector"] in ("top1", "top3")
+    assert "function_vector rank" in (out / "results.md").read_text()

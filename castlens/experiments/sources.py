@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = ["CONSTRUCTIONS", "MODES", "EMBEDDERS", "Sample", "SourceRecord", "source_demos", "random_samples",
-           "candidate_pool",
+           "candidate_pool", "FunctionVectors", "source_function_vectors",
            "sample_diffs", "source_vectors", "embed_texts", "embedded_pool", "target_embeddings",
            "DUMMY_QUERY"]
 
@@ -168,6 +168,60 @@ def source_vectors(model: TransformerBridge, sources: Sequence[Task], samples: S
                           {k: [index[k][id(d)] for d in v] for k, v in demos.items()}, tokens,
                           time.perf_counter() - t0)
     return vecs, record
+
+
+@dataclass(frozen=True)
+class FunctionVectors:
+    """Function vectors of the source tasks (Todd et al. 2024): ``effect`` [layer, head] is each head's causal
+    effect, the mean over sources of the change of the gold answer's log-probability (normalised over the options)
+    when the head's mean few-shot ``z`` over all samples is patched at the last token into zero-shot queries of
+    the sources that are neither samples nor demonstrations; ``heads`` ranks them; ``vectors[k]`` is the sum of the
+    top-``k`` heads' mean few-shot writes [d_model]."""
+
+    effect: Float[Tensor, "layer head"]
+    heads: list[tuple[int, int]]
+    vectors: dict[int, Float[Tensor, " d_model"]]
+
+
+def source_function_vectors(model: TransformerBridge, sources: Sequence[Task], samples: Sequence[Sample],
+                            shots: int, ks: Sequence[int], seed: int = 0, queries: int = 4, batch_size: int = 16
+                            ) -> FunctionVectors:
+    """:class:`FunctionVectors` from the same few-shot prompts as :func:`source_vectors` (each source's fixed
+    demonstrations + a sample's query), every head of every layer; ``queries`` patched queries per source."""
+    from castlens.experiments.protocol import encode
+    from castlens.mechanism import component_contributions, function_vector, head_writes, patch_effects, top_heads
+
+    demos = source_demos(sources, shots, seed)
+    last = model.cfg.n_layers - 1
+    z, writes, counts, effects = [], [], [], []
+    used = {(name, e.input) for name, e in samples} | {(t, d.input) for t, ds in demos.items() for d in ds}
+    for t in sources:
+        mine = [e for name, e in samples if name == t.name]
+        if not mine:
+            continue
+        fmt, few = default_format(t), _few_prefix(model, t, demos[t.name])
+        got = component_contributions(model, [few + text_ids(model, fmt.render(e, False)) for e in mine], last,
+                                      batch_size)
+        z.append(got.z.sum(0))
+        writes.append(head_writes(got) * len(mine))
+        counts.append(len(mine))
+    z_mean, w_mean = torch.stack(z).sum(0) / sum(counts), torch.stack(writes).sum(0) / sum(counts)
+    for t in sources:
+        fmt = default_format(t)
+        rest = [e for e in t.split("train") if (t.name, e.input) not in used]
+        picked = random.Random(f"{seed}:fv-queries:{t.name}").sample(rest, min(queries, len(rest)))
+        if not picked:
+            raise TaskError(f"source {t.name!r}: no train item left to measure function-vector heads on")
+        items = encode(model, t, fmt, picked, seed=seed)
+        eff = patch_effects(model, items.queries, z_mean, last, items.options, items.gold,
+                            prefix_ids(model, [fmt.instruction], fmt), batch_size)
+        assert eff.gold_logprob is not None
+        effects.append(eff.gold_logprob)
+    effect = torch.stack(effects).mean(0)
+    if max(ks) > effect.numel():
+        raise ValueError(f"function vectors of {max(ks)} heads asked for; the model has {effect.numel()} heads")
+    ranked = top_heads(effect, effect.numel())
+    return FunctionVectors(effect, ranked, {k: function_vector(w_mean, ranked[:k]) for k in ks})
 
 
 def embed_texts(model: TransformerBridge | None, texts: Sequence[str], batch_size: int = 16,

@@ -11,6 +11,9 @@ CAST (arXiv 2507.13236, Sec. 3) against the baselines it is compared with, on ea
 ``icv_pc1``         the same with the differences' first principal direction (ICV-style)
 ``task_vector``     zero-shot prompt, ``h_L[last] <- v[L]`` (Hendel et al. 2023; patched, not added)
 ``random_vector``   zero-shot prompt plus a Gaussian vector with the mean difference's norm per layer (control)
+``function_vector`` zero-shot prompt, ``h_L[last] += lambda * sum of the top-k heads' mean few-shot writes``
+                    (``--function-vector``; Todd et al. 2024: heads ranked by their causal effect on the sources,
+                    :func:`~castlens.experiments.sources.source_function_vectors`; ``k`` chosen on dev)
 ==================  ==========================================================================================
 
 All vectors come from the same ``n`` source samples (:mod:`castlens.experiments.sources`): ``random`` draws them
@@ -31,13 +34,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+from torch import Tensor
 
-from castlens.experiments.protocol import (ProtocolConfig, calibrated_zero_shot, check_config, default_layers, grid,
-                                           in_task_icl, open_run, prepare, prompted, split_dev, tune_and_test)
-from castlens.experiments.results import Row, TargetResult, fmt_interval, summarize, to_csv
+from castlens.experiments.protocol import (Candidate, ProtocolConfig, calibrated_zero_shot, check_config,
+                                           default_layers, grid, in_task_icl, open_run, prepare, prompted, split_dev,
+                                           tune_and_test)
+from castlens.experiments.results import Row, Setting, TargetResult, fmt_interval, summarize, to_csv
 from castlens.experiments.run import Run
-from castlens.experiments.sources import (CONSTRUCTIONS, EMBEDDERS, MODES, SourceRecord, embedded_pool, random_samples,
-                                          source_vectors, target_embeddings)
+from castlens.experiments.sources import (CONSTRUCTIONS, EMBEDDERS, MODES, SourceRecord, embedded_pool,
+                                          random_samples, source_function_vectors, source_vectors,
+                                          target_embeddings)
 from castlens.prompts import cross_task_blocks, default_format
 from castlens.selection import SELECTION_METHODS, select_indices
 from castlens.tasks import Task
@@ -49,7 +55,7 @@ if TYPE_CHECKING:
 __all__ = ["TransferConfig", "run_transfer", "report", "sweep_figure", "METHODS", "REFS", "MODES", "CONSTRUCTIONS",
            "COLUMNS"]
 
-METHODS = ("zero_shot", "calibrated_zero_shot", "icl_in_task", "icl_cross_task", *CONSTRUCTIONS)
+METHODS = ("zero_shot", "calibrated_zero_shot", "icl_in_task", "icl_cross_task", *CONSTRUCTIONS, "function_vector")
 REFS = {"zero": "zero_shot", "cross_icl": "icl_cross_task", "random": "random_vector"}
 COLUMNS = ["target", "method", "accuracy", "ci_lo", "ci_hi", "macro_f1", "delta_zero", "delta_zero_lo",
            "delta_zero_hi", "delta_zero_noise", "delta_cross_icl", "delta_cross_icl_lo", "delta_cross_icl_hi",
@@ -72,12 +78,16 @@ class TransferConfig(ProtocolConfig):
     embedder: str = "model"           # embeddings for the graph search: EMBEDDERS
     n_boot: int = 1000
     n_random: int = 1                 # norm-matched random controls, each its own seed, each through the sweep
+    function_vector: bool = False     # add the function-vector construction (top-k heads, k in fv_heads)
+    fv_heads: tuple[int, ...] = (1, 3, 5, 10)
 
     def __post_init__(self) -> None:
         if self.select not in SELECTION_METHODS:
             raise ValueError(f"unknown selection method {self.select!r}; available: {', '.join(SELECTION_METHODS)}")
         if self.embedder not in EMBEDDERS:
             raise ValueError(f"unknown embedder {self.embedder!r}; available: {', '.join(EMBEDDERS)}")
+        if not self.fv_heads or min(self.fv_heads) < 1:
+            raise ValueError(f"--fv-heads must be positive head counts, got {list(self.fv_heads)}")
         check_config(self)
 
 
@@ -96,6 +106,27 @@ def _vectors(model: TransformerBridge, cfg: TransferConfig, sources: Sequence[Ta
     run.write_json(rec, record.to_dict())
     run.log(f"  {record.tokens_processed} tokens in {record.seconds:.0f}s")
     return vectors, record
+
+
+def _function_vectors(model: TransformerBridge, cfg: TransferConfig, sources: dict[str, Task], record: SourceRecord,
+                      run: Run, path: str, batch_size: int) -> dict[int, Tensor]:
+    """The function vectors of the record's samples (k -> [d_model]), computed once and kept in the run folder
+    (``path``, with the heads' causal effects and ranking beside the vectors)."""
+    from safetensors.torch import load_file, save
+
+    from castlens.files import atomic_write
+
+    out = run.out / path
+    if out.exists():
+        return {int(k[3:]): v for k, v in load_file(str(out)).items() if k.startswith("top")}
+    run.log(f"function vectors: heads ranked by patching on {', '.join(cfg.sources)}")
+    samples = [(t, sources[t].train[i]) for t, i in record.samples]
+    fv = source_function_vectors(model, list(sources.values()), samples, cfg.shots, cfg.fv_heads, cfg.seed,
+                                 batch_size=batch_size)
+    atomic_write(out, save({"effect": fv.effect.contiguous(), **{f"top{k}": v.contiguous()
+                                                                  for k, v in fv.vectors.items()}},
+                           metadata={"heads": json.dumps(fv.heads[:max(cfg.fv_heads)])}))
+    return fv.vectors
 
 
 def _selected(model: TransformerBridge, cfg: TransferConfig, sources: Sequence[Task], target: Task, run: Run,
@@ -143,6 +174,12 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
         mean = vectors["cast_mean_diff"].directions
         directions.update({r: random_like(mean, cfg.seed + 1000 * k) for k, r in enumerate(random_draws(cfg), 1)})
         cands = grid(directions, layers, cfg.strengths, MODES)
+        if cfg.function_vector:
+            fvs = _function_vectors(model, cfg, sources, record, run, "function_vectors.safetensors" if shared
+                                    else f"vectors/{name}.fv.safetensors", batch_size)
+            full = {k: v.float()[None].expand(model.cfg.n_layers, -1).clone() for k, v in fvs.items()}
+            cands["function_vector"] = [Candidate(Setting("function_vector", layer, s, f"top{k}"), full[k])
+                                        for k in cfg.fv_heads for layer in layers for s in cfg.strengths]
         part = tune_and_test(model, target, cands, donors=done, batch_size=batch_size, log=log)
         part = part.with_methods({**calibrated_zero_shot(model, target, batch_size),
                                   **in_task_icl(model, target, batch_size),
@@ -173,16 +210,17 @@ def random_table(parts: Sequence[TargetResult], cfg: TransferConfig) -> list[str
     names = ["random_vector", *random_draws(cfg)]
     if len(names) < 2:
         return []
+    ranked = [c for c in ("cast_mean_diff", "icv_pc1", "function_vector") if all(c in p.methods for p in parts)]
     lines = ["", f"Random controls as a distribution: {len(names)} norm-matched random vectors, each tuned by the "
              "same dev sweep; test accuracy in %, and the rank of each construction among the draws "
              f"(1 = above all {len(names)}).", "",
-             "| target | random mean | sd | min - max | cast_mean_diff rank | icv_pc1 rank |",
-             "|---|---|---|---|---|---|"]
+             "| target | random mean | sd | min - max | " + " | ".join(f"{c} rank" for c in ranked) + " |",
+             "|---|---|---|---|" + "---|" * len(ranked)]
     for p in parts:
         acc = np.array([p.methods[n].accuracy for n in names if n in p.methods])
-        ranks = [1 + int((acc > p.methods[c].accuracy).sum()) for c in ("cast_mean_diff", "icv_pc1")]
+        ranks = [1 + int((acc > p.methods[c].accuracy).sum()) for c in ranked]
         lines.append(f"| {p.target} | {100 * acc.mean():.1f} | {100 * acc.std(ddof=1):.1f} | {100 * acc.min():.1f} - "
-                     f"{100 * acc.max():.1f} | {ranks[0]} of {len(acc) + 1} | {ranks[1]} of {len(acc) + 1} |")
+                     f"{100 * acc.max():.1f} | " + " | ".join(f"{r} of {len(acc) + 1}" for r in ranks) + " |")
     return lines
 
 
@@ -211,9 +249,10 @@ def report(run: Run, cfg: TransferConfig, parts: Sequence[TargetResult], records
     cell = {(r.target, r.method): r for r in rows}
     names = [p.target for p in parts]
     get = (lambda t, m, k: getattr(cell[(t, m)], k) if (t, m) in cell else math.nan)
+    shown = [m for m in METHODS if any((t, m) in cell for t in names)]
     run.figure("accuracy_by_target", plots.method_bars(
-        names, {m: [get(t, m, "accuracy") for t in names] for m in METHODS},
-        {m: [(get(t, m, "ci_lo"), get(t, m, "ci_hi")) for t in names] for m in METHODS},
+        names, {m: [get(t, m, "accuracy") for t in names] for m in shown},
+        {m: [(get(t, m, "ci_lo"), get(t, m, "ci_hi")) for t in names] for m in shown},
         chance=[p.chance for p in parts], title="Test accuracy per target and method",
         caption=f"{who}. Bars: 95% bootstrap intervals; dashes: chance."))
     return rows
@@ -268,6 +307,8 @@ def _markdown(rows: Sequence[Row], cfg: TransferConfig, targets: list[str], ms: 
     for r in rows:
         s = r.setting
         setting = f"{s.layer} x {s.strength:g}" if s is not None and s.layer is not None else ""
+        if s is not None and s.vector:
+            setting = f"{s.vector}, {setting}"
         acc_norm = "" if not norm else ("| " if r.accuracy_norm is None else f"| {100 * r.accuracy_norm:.1f} ")
         lines.append(f"| {r.target} | {r.method} | {100 * r.accuracy:.1f} [{100 * r.ci_lo:.1f}, {100 * r.ci_hi:.1f}] "
                      f"{acc_norm}| {'n/a' if r.macro_f1 is None else f'{100 * r.macro_f1:.1f}'} | "
