@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures selection-figures gemma-figures explain-figures gemma-explain-figures clean
+.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures selection-figures gemma-figures protocol-figures gemma-protocol-figures explain-figures gemma-explain-figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -104,8 +104,16 @@ TRANSFER := $(VENV)/bin/castlens transfer --n 64 --shots 4 --dev 64 --batch-size
 transfer-figures: $(STAMP)
 	$(TRANSFER) --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --out figures/transfer_cross_domain
 	$(TRANSFER) --sources mnli,xnli_en,pawsx_en,sst2 --targets xnli_zh,xnli_fr,xnli_de,pawsx_zh,pawsx_de,marc_zh,eprstmt_zh --out figures/transfer_cross_lingual
-	# The stricter protocol (issue #15): ten random controls, each tuned by the same sweep, and contextual calibration
-	$(TRANSFER) --n-random 10 --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --out figures/transfer_controls
+
+# The stricter protocol (issues #15, #16) on both models, same command: CAST against ten norm-matched random vectors
+# (each tuned by the same dev sweep), contextual calibration, multiple-choice targets scored by option text, and a
+# function vector as one more construction.
+PROTOCOL := --n-random 10 --mc-scoring text --function-vector --sources $(CAST_SOURCES) --targets $(CAST_TARGETS)
+protocol-figures: $(STAMP)
+	$(TRANSFER) $(PROTOCOL) --out figures/transfer_protocol
+
+gemma-protocol-figures: $(STAMP)
+	$(TRANSFER) --model gemma-3-270m $(PROTOCOL) --out figures/gemma-3-270m/transfer_protocol
 
 # Source-sample selection (CAST Sec. 3.2): random / relevance / diversity / cast selection at 32 samples on the 5 CAST
 # targets, and accuracy against 4..128 samples for CAST vectors and for cross-task ICL with the same samples; then

@@ -76,3 +76,23 @@ def test_the_slurm_array_covers_the_sweep_once_and_queues_one_merge(tmp_path):
     assert {o.split("/")[2] for o in outs} == {"smollm2-135m-instruct", "gemma-3-270m"}
     merges = [c for c in calls if c.startswith("sbatch")]
     assert len(merges) == 1 and "afterok:42" in merges[0] and "castlens merge runs/sweep/*/*/s*" in merges[0]
+
+
+def test_spread_over_draw_seeds_against_numpy(tmp_path):
+    """spread.md: mean, sd (ddof 1) and range over the runs, in points, for rows present in every run."""
+    import numpy as np
+
+    head = ["target", "method", "accuracy", "delta_zero", "delta_random"]
+    acc, dz = [0.61, 0.55, 0.58], [0.277, 0.2, 0.25]
+    runs = [_run(tmp_path / f"d{k}", {"draw_seed": k}, {"results.csv": [
+        head, ["fpb", "cast_mean_diff", str(acc[k]), str(dz[k]), "0.1"], ["fpb", "zero_shot", "0.33", "", ""],
+        *([["sciq", "cast_mean_diff", "0.25", "0", "0"]] if k else [])]}) for k in range(3)]
+    merge_runs(runs, tmp_path / "m")
+    md = (tmp_path / "m" / "spread.md").read_text()
+    a, d = np.array(acc) * 100, np.array(dz) * 100
+    assert (f"| fpb | cast_mean_diff | {a.mean():.1f} ({a.std(ddof=1):.1f}) [{a.min():.1f}, {a.max():.1f}] | "
+            f"{d.mean():+.1f} ({d.std(ddof=1):.1f}) [{d.min():+.1f}, {d.max():+.1f}] | +10.0 (0.0) [+10.0, +10.0] |"
+            ) in md
+    assert "| fpb | zero_shot | 33.0 (0.0) [33.0, 33.0] |  |  |" in md
+    assert "sciq" not in md  # not in every run
+    assert "draw_seed" in md.splitlines()[0]

@@ -264,3 +264,18 @@ def test_function_vector_is_the_sum_of_the_top_heads_mean_writes_recomputed_by_h
     part = json.loads((out / "parts" / "plural.part.json").read_text())
     assert part["methods"]["function_vector"]["setting"]["vector"] in ("top1", "top3")
     assert "function_vector rank" in (out / "results.md").read_text()
+
+
+def test_draw_seed_redraws_the_source_samples_alone(tmp_path, tiny):
+    """Two runs that differ only in --draw-seed: other source samples (so other vectors), the same test items,
+    gold answers, dev sweep items and zero-shot predictions."""
+    cfg = tr.TransferConfig(**{**CFG, "targets": ("plural",)})
+    tr.run_transfer(tiny, cfg, tmp_path / "a", png=False, log=lambda s: None)
+    tr.run_transfer(tiny, tr.TransferConfig(**{**CFG, "targets": ("plural",)}, draw_seed=7), tmp_path / "b",
+                    png=False, log=lambda s: None)
+    src = [json.loads((tmp_path / r / "sources.json").read_text())["samples"] for r in "ab"]
+    assert src[0] != src[1]
+    a, b = (json.loads((tmp_path / r / "parts" / "plural.part.json").read_text()) for r in "ab")
+    assert a["gold"] == b["gold"] and a["n_dev"] == b["n_dev"]
+    assert a["methods"]["zero_shot"]["pred"] == b["methods"]["zero_shot"]["pred"]
+    assert a["sweep"][0] == b["sweep"][0]  # the unsteered dev point: the same dev items

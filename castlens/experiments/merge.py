@@ -8,7 +8,10 @@ bookkeeping of its own::
         rows of every run, in the order the runs are given,
         each prefixed by ``run`` (the folder) and the config keys whose values differ between the runs
 
-plus ``runs.md``: one line per run with those keys. Nothing is recomputed and no number changes: a merged row is
+plus ``runs.md``: one line per run with those keys, and for a table of accuracies by target and method
+(``results.csv`` of transfer runs, say, merged over seeds of the source-sample draw) ``spread.md``: per target and
+method present in every run, the mean, standard deviation and range over the runs of the accuracy and of its
+paired differences to zero-shot and to the random control. Nothing is recomputed and no number changes: a merged row is
 a row of one run's table. Runs of different kinds (a transfer and a compose run) have different tables and are
 refused, as is a folder that is not a finished run. Knows no model.
 """
@@ -55,6 +58,33 @@ def _read(run: Path) -> tuple[dict[str, Any], dict[str, list[list[str]]]]:
     return json.loads((run / "config.json").read_text()), tables
 
 
+SPREAD_COLUMNS = ("accuracy", "delta_zero", "delta_random")
+
+
+def _spread(name: str, tables: Sequence[list[list[str]]]) -> list[str]:
+    """Markdown: per (target, method) in every run's ``name`` table, each of :data:`SPREAD_COLUMNS` the table
+    has as mean, sd and min - max over the runs, in points (empty when the table has no such columns)."""
+    import numpy as np
+
+    header = tables[0][0]
+    cols = [c for c in SPREAD_COLUMNS if c in header]
+    if not {"target", "method"} <= set(header) or not cols:
+        return []
+    at = {c: header.index(c) for c in ("target", "method", *cols)}
+    keyed = [{(r[at["target"]], r[at["method"]]): r for r in t[1:]} for t in tables]
+    lines = ["", f"## {name}", "", "| target | method | " + " | ".join(f"{c} mean (sd) [min, max]" for c in cols)
+             + " |", "|---|---|" + "---|" * len(cols)]
+    for key in (k for k in keyed[0] if all(k in t for t in keyed)):
+        cells = []
+        for c in cols:
+            v = np.array([float(t[key][at[c]]) for t in keyed if t[key][at[c]] != ""]) * 100
+            f = "+.1f" if c.startswith("delta") else ".1f"
+            cells.append("" if len(v) < len(keyed) else f"{v.mean():{f}} ({v.std(ddof=1) if len(v) > 1 else 0:.1f}) "
+                         f"[{v.min():{f}}, {v.max():{f}}]")
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Merged:
     """The merged tables of ``runs`` into ``out`` (see the module docstring)."""
     paths = [Path(r) for r in runs]
@@ -92,5 +122,10 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Merged:
              "| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     lines += [f"| {label} | " + " | ".join(_cell(cfg.get(k)) for k in keys) + " |"
               for label, cfg in zip(labels, configs)]
-    atomic_write(out / "runs.md", "\n".join(lines) + "\n")
+    spread = [line for name in sorted(names) for line in _spread(name, [t[name] for _, t in read])]
+    if spread:
+        atomic_write(out / "spread.md", f"# Spread over {len(paths)} runs (differing in "
+                     f"{', '.join(keys) or 'nothing'})\n" + "\n".join(spread) + "\n")
+    lines += ["", "spread.md: each number's mean, sd and range over the runs." if spread else ""]
+    atomic_write(out / "runs.md", "\n".join(lines).rstrip() + "\n")
     return Merged(out, written, keys, tuple(paths))

@@ -78,6 +78,7 @@ class TransferConfig(ProtocolConfig):
     embedder: str = "model"           # embeddings for the graph search: EMBEDDERS
     n_boot: int = 1000
     n_random: int = 1                 # norm-matched random controls, each its own seed, each through the sweep
+    draw_seed: int | None = None      # the source side alone (samples, demonstrations, pool); None: seed
     function_vector: bool = False     # add the function-vector construction (top-k heads, k in fv_heads)
     fv_heads: tuple[int, ...] = (1, 3, 5, 10)
 
@@ -90,6 +91,12 @@ class TransferConfig(ProtocolConfig):
             raise ValueError(f"--fv-heads must be positive head counts, got {list(self.fv_heads)}")
         check_config(self)
 
+    @property
+    def source_seed(self) -> int:
+        """The seed of the source-sample draw: ``draw_seed`` varies it alone (dev split, test items and random
+        controls stay those of ``seed``), so runs that differ only in it give the spread between draws."""
+        return self.seed if self.draw_seed is None else self.draw_seed
+
 
 def _vectors(model: TransformerBridge, cfg: TransferConfig, sources: Sequence[Task], run: Run, vec: str, rec: str,
              samples: Sequence | None) -> tuple[dict[str, SteeringVector], SourceRecord]:
@@ -100,8 +107,8 @@ def _vectors(model: TransformerBridge, cfg: TransferConfig, sources: Sequence[Ta
         return load_vectors(vec_path, model), SourceRecord.from_dict(json.loads(rec_path.read_text()))
     run.log(f"vectors from {cfg.n} {cfg.select} samples of {', '.join(cfg.sources)} ({cfg.shots} shots)")
     if samples is None:
-        samples = random_samples(sources, cfg.n, cfg.shots, cfg.seed)
-    vectors, record = source_vectors(model, sources, samples, cfg.shots, cfg.seed, cfg.select)
+        samples = random_samples(sources, cfg.n, cfg.shots, cfg.source_seed)
+    vectors, record = source_vectors(model, sources, samples, cfg.shots, cfg.source_seed, cfg.select)
     save_vectors(vec_path, vectors)
     run.write_json(rec, record.to_dict())
     run.log(f"  {record.tokens_processed} tokens in {record.seconds:.0f}s")
@@ -121,7 +128,7 @@ def _function_vectors(model: TransformerBridge, cfg: TransferConfig, sources: di
         return {int(k[3:]): v for k, v in load_file(str(out)).items() if k.startswith("top")}
     run.log(f"function vectors: heads ranked by patching on {', '.join(cfg.sources)}")
     samples = [(t, sources[t].train[i]) for t, i in record.samples]
-    fv = source_function_vectors(model, list(sources.values()), samples, cfg.shots, cfg.fv_heads, cfg.seed,
+    fv = source_function_vectors(model, list(sources.values()), samples, cfg.shots, cfg.fv_heads, cfg.source_seed,
                                  batch_size=batch_size)
     atomic_write(out, save({"effect": fv.effect.contiguous(), **{f"top{k}": v.contiguous()
                                                                   for k, v in fv.vectors.items()}},
@@ -133,11 +140,11 @@ def _selected(model: TransformerBridge, cfg: TransferConfig, sources: Sequence[T
               batch_size: int) -> list:
     """The ``cfg.n`` pool candidates the graph search picks for ``target`` (against its dev queries, or its
     unlabelled test inputs when it has no train split); the pool's embeddings are kept in the run folder."""
-    pool, emb = embedded_pool(model, sources, cfg.shots, cfg.seed, cfg.pool, cfg.embedder,
+    pool, emb = embedded_pool(model, sources, cfg.shots, cfg.source_seed, cfg.pool, cfg.embedder,
                               run.out / "candidates.safetensors", batch_size, run.log)
     t_emb = target_embeddings(model, target, split_dev(target, cfg.dev, cfg.shots, cfg.seed)[0], cfg.embedder,
                               batch_size)
-    return [pool[i] for i in select_indices(cfg.select, emb, t_emb, cfg.n, seed=cfg.seed)]
+    return [pool[i] for i in select_indices(cfg.select, emb, t_emb, cfg.n, seed=cfg.source_seed)]
 
 
 def cross_task_icl(model: TransformerBridge, cfg: TransferConfig, target, record: SourceRecord,
@@ -160,7 +167,7 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
     shared = run.world.once(lambda: _vectors(model, cfg, list(sources.values()), run, "vectors.safetensors",
                                              "sources.json", None)) if cfg.select == "random" else None
     if shared is None and run.unfinished(order):  # the candidate pool once, before the ranks split the targets
-        run.world.once(lambda: embedded_pool(model, list(sources.values()), cfg.shots, cfg.seed, cfg.pool,
+        run.world.once(lambda: embedded_pool(model, list(sources.values()), cfg.shots, cfg.source_seed, cfg.pool,
                                              cfg.embedder, run.out / "candidates.safetensors", batch_size, run.log))
     layers = list(cfg.layers or default_layers(model.cfg.n_layers))
 
