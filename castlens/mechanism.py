@@ -198,7 +198,7 @@ class PatchEffects:
     no options were given); ``base_accuracy``: unpatched accuracy."""
 
     layer: int
-    resid_shift: Float[Tensor, "layer head d_model"]
+    resid_shift: Float[Tensor, "layer head d_model"] | None
     gold_logprob: Float[Tensor, "layer head"] | None
     accuracy: Float[Tensor, "layer head"] | None
     base_accuracy: float | None
@@ -206,6 +206,8 @@ class PatchEffects:
 
     def shift(self, direction: Float[Tensor, " d_model"]) -> Float[Tensor, "layer head"]:
         """The mean change of ``h_L`` along the unit vector of ``direction``."""
+        if self.resid_shift is None:
+            raise ValueError("these effects were measured without the residual stream (patch_effects layer=None)")
         u = direction.float() / direction.float().norm().clamp_min(1e-12)
         return self.resid_shift @ u
 
@@ -218,18 +220,22 @@ class PatchEffects:
 
 
 def patch_effects(model: TransformerBridge, zero_ids: Sequence[Sequence[int]], means: Float[Tensor, "layer head d"],
-                  layer: int, options: Sequence[Sequence[Sequence[int]]] | None = None,
+                  layer: int | None, options: Sequence[Sequence[Sequence[int]]] | None = None,
                   gold: Sequence[int] | None = None, prefix_ids: Sequence[int] = (), batch_size: int = 16
                   ) -> PatchEffects:
     """Patch each head of layers ``0..means.shape[0]-1`` in turn (its mean ``z`` from ``means``) into the
     zero-shot runs ``prefix_ids + zero_ids[i]`` at the last token and measure the effects (:class:`PatchEffects`).
     Cost: each body once, then one token per head per query (twice with options: the residual read stops at
-    ``layer``, the scores run to the end)."""
+    ``layer``, the scores run to the end). ``layer=None`` measures the answers alone (``resid_shift`` is None)."""
     n_l, n_h = means.shape[:2]
     heads = [(li, h) for li in range(n_l) for h in range(n_h)]
     settings = [UNSTEERED] + [Setting(head_label(li, h), heads=((li, h, means[li, h]),)) for li, h in heads]
-    resid = settings_last_token_resid(model, prefix_ids, zero_ids, settings, [layer], batch_size)[:, :, 0]
-    shift = (resid[1:] - resid[0]).mean(1).reshape(n_l, n_h, -1)
+    shift = None
+    if layer is not None:
+        resid = settings_last_token_resid(model, prefix_ids, zero_ids, settings, [layer], batch_size)[:, :, 0]
+        shift = (resid[1:] - resid[0]).mean(1).reshape(n_l, n_h, -1)
+    elif options is None:
+        raise ValueError("patch_effects with layer=None measures the answers: give options and gold")
     lp = acc = base = None
     if options is not None:
         if gold is None or len(gold) != len(zero_ids) or len(options) != len(zero_ids):
@@ -241,7 +247,7 @@ def patch_effects(model: TransformerBridge, zero_ids: Sequence[Sequence[int]], m
         lp = (norm[1:] - norm[0]).mean(1).reshape(n_l, n_h)
         acc = (right[1:].mean(1) - right[0].mean()).reshape(n_l, n_h)
         base = float(right[0].mean())
-    return PatchEffects(layer, shift, lp, acc, base, len(zero_ids))
+    return PatchEffects(n_l - 1 if layer is None else layer, shift, lp, acc, base, len(zero_ids))
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,22 @@ def test_patching_a_head_with_its_own_activation_changes_nothing(tiny_any):
     own = component_contributions(tiny_any, one, 2).z[0]  # [layer, head, d_head] of this very run
     opts = [[[4], [9], [13]]]
     eff = patch_effects(tiny_any, one, own, 2, opts, [1])
-    assert eff.resid_shift.abs().max() < 1e-5
+    assert eff.resid_shift is not None and eff.resid_shift.abs().max() < 1e-5
     assert eff.gold_logprob is not None and eff.gold_logprob.abs().max() < 1e-5
+
+
+def test_patching_for_the_answers_alone_gives_the_same_answer_effects(tiny):
+    """layer=None skips the residual read (function-vector ranking needs the answers only): the same gold
+    log-prob and accuracy changes as the full measurement, and no residual shift to project."""
+    few = component_contributions(tiny, FEW, 2)
+    opts, gold = [[[4], [9], [13]]] * len(ZERO), [1] * len(ZERO)
+    full = patch_effects(tiny, ZERO, few.z.mean(0), 2, opts, gold)
+    alone = patch_effects(tiny, ZERO, few.z.mean(0), None, opts, gold)
+    assert alone.resid_shift is None and full.gold_logprob is not None and full.gold_logprob.abs().max() > 1e-3
+    assert torch.allclose(alone.gold_logprob, full.gold_logprob, atol=1e-6)
+    assert torch.equal(alone.accuracy, full.accuracy)
+    with pytest.raises(ValueError, match="without the residual"):
+        alone.shift(torch.ones(tiny.cfg.d_model))
 
 
 def test_fast_head_patching_equals_a_full_forward_with_a_hook_z_patch(tiny_any):

@@ -129,7 +129,7 @@ class TaskMechanism:
         t = {f"diff.{v}": d for v, d in self.diffs.items()} | {f"z.{v}": z for v, z in self.z_mean.items()}
         t["writes"] = self.writes
         for v, e in self.patched.items():
-            t[f"patch.{v}.resid_shift"] = e.resid_shift
+            t[f"patch.{v}.resid_shift"] = e.resid_shift if e.resid_shift is not None else torch.zeros(0)
             t[f"patch.{v}.gold_logprob"] = e.gold_logprob if e.gold_logprob is not None else torch.zeros(0)
             t[f"patch.{v}.accuracy"] = e.accuracy if e.accuracy is not None else torch.zeros(0)
         meta = {"task": self.task, "labels": json.dumps(self.labels), "layer": str(self.layer),
@@ -144,10 +144,9 @@ class TaskMechanism:
         with safe_open(str(path), "pt") as f:
             meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
         base = json.loads(meta["base"])
-        patched = {v: PatchEffects(int(meta["layer"]), t[f"patch.{v}.resid_shift"],
-                                   t[f"patch.{v}.gold_logprob"] if t[f"patch.{v}.gold_logprob"].numel() else None,
-                                   t[f"patch.{v}.accuracy"] if t[f"patch.{v}.accuracy"].numel() else None,
-                                   base[v][0], base[v][1]) for v in base}
+        got = (lambda k: t[k] if t[k].numel() else None)
+        patched = {v: PatchEffects(int(meta["layer"]), got(f"patch.{v}.resid_shift"), got(f"patch.{v}.gold_logprob"),
+                                   got(f"patch.{v}.accuracy"), base[v][0], base[v][1]) for v in base}
         return cls(meta["task"], tuple(json.loads(meta["labels"])), int(meta["layer"]), int(meta["n_heads"]),
                    {k[5:]: x for k, x in t.items() if k.startswith("diff.")},
                    {k[2:]: x for k, x in t.items() if k.startswith("z.")}, t["writes"], patched)

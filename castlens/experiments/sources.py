@@ -213,7 +213,7 @@ def source_function_vectors(model: TransformerBridge, sources: Sequence[Task], s
         if not picked:
             raise TaskError(f"source {t.name!r}: no train item left to measure function-vector heads on")
         items = encode(model, t, fmt, picked, seed=seed)
-        eff = patch_effects(model, items.queries, z_mean, last, items.options, items.gold,
+        eff = patch_effects(model, items.queries, z_mean, None, items.options, items.gold,
                             prefix_ids(model, [fmt.instruction], fmt), batch_size)
         assert eff.gold_logprob is not None
         effects.append(eff.gold_logprob)
