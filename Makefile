@@ -108,7 +108,7 @@ transfer-figures: $(STAMP)
 # The stricter protocol (issues #15, #16) on both models, same command: CAST against ten norm-matched random vectors
 # (each tuned by the same dev sweep), contextual calibration, multiple-choice targets scored by option text, and a
 # function vector as one more construction.
-PROTOCOL := --n-random 10 --mc-scoring text --function-vector --sources $(CAST_SOURCES) --targets $(CAST_TARGETS)
+PROTOCOL := --n-random 10 --mc-scoring text --function-vector --staged-sweep --sources $(CAST_SOURCES) --targets $(CAST_TARGETS)
 protocol-figures: $(STAMP)
 	$(TRANSFER) $(PROTOCOL) --out figures/transfer_protocol
 

@@ -149,7 +149,7 @@ def cmd_transfer(a: argparse.Namespace) -> int:
     _transfer(a, a.sources, a.targets, Path(a.out), dev=a.dev, limit=a.limit, layers=a.layers, strengths=a.strengths,
               select=a.select, n_boot=a.n_boot, pool=a.pool, embedder=a.embedder, n_random=a.n_random,
               mc_scoring=a.mc_scoring, function_vector=a.function_vector, fv_heads=a.fv_heads,
-              draw_seed=a.draw_seed)
+              draw_seed=a.draw_seed, staged_sweep=a.staged_sweep)
     return 0
 
 
@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
         "batch_size", "mc_scoring")
     tr.add_argument("--strengths", type=_numbers(float), default=(0.5, 1.0, 2.0, 4.0), help="strengths to sweep")
     tr.add_argument("--n", type=int, default=32, help="source samples behind every vector")
+    tr.add_argument("--staged-sweep", action="store_true", help="dev sweep in two passes: every layer at the middle "
+                    "strength, then every strength at each construction's 2 best layers (16 of 36 points for 9 x 4)")
     tr.add_argument("--draw-seed", type=int, default=None, help="seed of the source-sample draw alone (default: "
                     "--seed); runs that differ only in it give the spread between draws (castlens merge)")
     tr.add_argument("--function-vector", action="store_true", help="add a function vector (Todd et al. 2024): the "

@@ -101,3 +101,44 @@ def test_limit_takes_a_seeded_subset_stratified_by_label():
         assert abs(got[label] - 60 * n / len(t.test)) <= 1
     assert test_items(t, 60, seed=0) == idx and test_items(t, 60, seed=1) != idx
     assert test_items(t, None, 0) == list(range(len(t.test))) == test_items(t, 10**6, 0)
+
+
+def test_a_staged_sweep_scores_the_middle_strength_then_the_two_best_layers(tiny, experiment):
+    """staged=True: the first pass is every layer at the middle strength, the second every strength at the two
+    best first-pass layers; the choice is the argmax over the scored points, each score a hand-computed one."""
+    vector, target, _ = experiment
+    layers, strengths = (0, 1, 2), (1.0, 4.0, 16.0)
+    result = tune_and_test(tiny, target, grid({"planted": vector}, layers, strengths), log=lambda *a: None,
+                           staged=True)
+    gold = torch.tensor(target.dev.gold)
+    keys = {}
+    for layer, s in ((layer, s) for layer in layers for s in strengths):
+        sc = _manual_scores(tiny, target, target.dev.examples, vector, Setting("planted", layer, s))
+        keys[(layer, s)] = (round(float((sc.argmax(-1) == gold).double().mean()), 9),
+                            float(torch.log_softmax(sc, -1)[torch.arange(len(gold)), gold].mean()))
+    first = sorted(layers, key=lambda x: keys[(x, 4.0)], reverse=True)[:2]
+    want = {(x, 4.0) for x in layers} | {(x, s) for x in first for s in strengths}
+    got = {(p.setting.layer, p.setting.strength) for p in result.sweep[1:]}
+    assert got == want and len(got) == 7 and len(result.sweep) == 8
+    order = [(x, s) for x in layers for s in strengths]
+    best = max(want, key=lambda k: (*keys[k], -order.index(k)))
+    chosen = result.chosen["planted"].setting
+    assert (chosen.layer, chosen.strength) == best
+    for p in result.sweep[1:]:
+        assert p.dev_accuracy == pytest.approx(keys[(p.setting.layer, p.setting.strength)][0])
+
+
+def test_borrowing_from_staged_sweeps_uses_the_settings_every_donor_scored():
+    """Donors with different second passes: the borrowed setting is the best mean over the common points only."""
+    from castlens.experiments.protocol import borrowed_settings
+    from castlens.experiments.results import SweepPoint, TargetResult
+
+    def donor(name, points):
+        return TargetResult(name, 1, [0], 0.5, 0.5, {}, sweep=[SweepPoint(Setting("unsteered"), 0.3)] + [
+            SweepPoint(Setting("v", layer, s), acc) for (layer, s), acc in points.items()])
+
+    a = donor("a", {(1, 4.0): 0.5, (2, 4.0): 0.6, (2, 1.0): 0.9})   # (2, 1.0) only a scored
+    b = donor("b", {(1, 4.0): 0.7, (2, 4.0): 0.6, (1, 1.0): 0.9})   # (1, 1.0) only b scored
+    got = borrowed_settings("t", [a, b], ["v"])["v"]
+    assert (got.setting.layer, got.setting.strength) == (1, 4.0) and got.dev_accuracy == pytest.approx(0.6)
+    assert got.borrowed_from == ("a", "b")

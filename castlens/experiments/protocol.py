@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["ProtocolConfig", "Candidate", "Items", "Prepared", "prepare", "tune_and_test", "prompted", "grid",
            "default_layers", "split_dev", "options_for", "encode", "borrowed_settings", "check_config",
            "by_accuracy", "Pick", "test_items", "input_digests", "check_layers", "open_run",
-           "calibrated_zero_shot", "CONTENT_FREE"]
+           "calibrated_zero_shot", "CONTENT_FREE", "first_pass"]
 
 
 @dataclass(frozen=True)
@@ -273,14 +273,17 @@ def by_accuracy(scores: Tensor, items: Items) -> list[tuple[float, ...]]:
 def borrowed_settings(target: str, donors: Sequence[TargetResult], constructions: Sequence[str]
                       ) -> dict[str, SweepPoint]:
     """For a target without dev items: per construction, the setting with the best mean dev accuracy over the
-    finished ``donors`` that have a sweep (ties: the earlier setting)."""
+    finished ``donors`` that have a sweep (ties: the earlier setting), among the settings every donor scored (a
+    staged sweep scores different points per target)."""
     donors = [p for p in donors if p.sweep]
     if not donors:
         raise TaskError(f"target {target!r} has no train split to tune on, and no other target of this run has a "
                         "dev sweep to borrow a setting from")
     chosen = {}
     for c in constructions:
-        keys = [p.setting for p in donors[0].sweep if p.setting.construction == c]
+        scored = [{p.setting for p in d.sweep} for d in donors[1:]]
+        keys = [p.setting for p in donors[0].sweep if p.setting.construction == c and all(p.setting in x
+                                                                                          for x in scored)]
         acc = {k: float(np.mean([next(x.dev_accuracy for x in p.sweep if x.setting == k) for p in donors]))
                for k in keys}
         k = max(keys, key=lambda k: (round(acc[k], 9), -keys.index(k)))
@@ -288,28 +291,64 @@ def borrowed_settings(target: str, donors: Sequence[TargetResult], constructions
     return chosen
 
 
+def first_pass(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The staged sweep's first pass over one construction's grid: every layer (and library vector) at its middle
+    strength (the upper middle of the sorted strengths; a patched vector has one)."""
+    strengths = sorted({c.setting.strength for c in candidates if c.setting.strength is not None})
+    mid = strengths[len(strengths) // 2] if strengths else None
+    return [c for c in candidates if c.setting.strength == mid]
+
+
+def _dev_points(model: TransformerBridge, target: Prepared, cands: Sequence[Candidate], pick: Pick,
+                batch_size: int) -> list[tuple[SweepPoint, tuple[float, ...]]]:
+    """Dev score and choice key of unsteered (first) and of every candidate, in one pass."""
+    d = target.dev
+    assert d is not None
+    scores = prefix_option_logprobs(model, target.zero_prefix, d.queries, d.options,
+                                    [UNSTEERED, *(c.steer() for c in cands)], batch_size=batch_size)
+    acc_lp = by_accuracy(scores, d)  # (dev accuracy to 9 digits, gold log-prob) per setting, recorded
+    keys = acc_lp if pick is by_accuracy else pick(scores, d)
+    acc = (scores.argmax(-1) == torch.tensor(d.gold)).double().mean(-1).tolist()
+    settings = [Setting(UNSTEERED_NAME), *(c.setting for c in cands)]
+    return [(SweepPoint(s, float(acc[i]), acc_lp[i][1]), keys[i]) for i, s in enumerate(settings)]
+
+
 def tune_and_test(model: TransformerBridge, target: Prepared, candidates: Mapping[str, Sequence[Candidate]],
                   pick: Pick = by_accuracy, donors: Sequence[TargetResult] = (), batch_size: int = 16,
-                  keep_scores: bool = False, log: Callable[[str], None] = print) -> TargetResult:
+                  keep_scores: bool = False, log: Callable[[str], None] = print, staged: bool = False
+                  ) -> TargetResult:
     """Choose each construction's setting on ``target.dev`` (or borrow it from ``donors``) and score zero-shot and
-    every chosen setting on the test items (see the module docstring). The sweep is recorded."""
+    every chosen setting on the test items (see the module docstring). The sweep is recorded.
+
+    ``staged``: instead of the whole grid, a first pass at the middle strength (:func:`first_pass`), then every
+    strength at the construction's two best (layer, vector) points of that pass; the choice is the best of all
+    points scored. The same rule for every construction, random controls included, at a fraction of the cost
+    (9 layers x 4 strengths: 16 of 36 points)."""
     flat = [c for cs in candidates.values() for c in cs]
     sweep: list[SweepPoint] = []
     if target.dev is not None:
         t0 = time.perf_counter()
-        d = target.dev
-        scores = prefix_option_logprobs(model, target.zero_prefix, d.queries, d.options,
-                                        [UNSTEERED, *(c.steer() for c in flat)], batch_size=batch_size)
-        acc_lp = by_accuracy(scores, d)  # (dev accuracy to 9 digits, gold log-prob) per setting, recorded
-        keys = acc_lp if pick is by_accuracy else pick(scores, d)
-        acc = (scores.argmax(-1) == torch.tensor(d.gold)).double().mean(-1).tolist()
-        for i, s in enumerate([Setting(UNSTEERED_NAME), *(c.setting for c in flat)]):
-            sweep.append(SweepPoint(s, float(acc[i]), acc_lp[i][1]))
-        chosen, by_setting = {}, {c.setting: i + 1 for i, c in enumerate(flat)}
+        first = [c for cs in candidates.values() for c in first_pass(cs)] if staged else flat
+        points = _dev_points(model, target, first, pick, batch_size)
+        if staged:
+            key = {p.setting: k for p, k in points}
+            best = set()
+            for cs in candidates.values():
+                ranked = sorted(first_pass(cs), key=lambda c: key[c.setting], reverse=True)
+                best |= {(c.setting.construction, c.setting.layer, c.setting.vector) for c in ranked[:2]}
+            done = {c.setting for c in first}
+            second = [c for c in flat if c.setting not in done
+                      and (c.setting.construction, c.setting.layer, c.setting.vector) in best]
+            points += _dev_points(model, target, second, pick, batch_size)[1:] if second else []
+        sweep = [p for p, _ in points]
+        key = {p.setting: k for p, k in points}
+        chosen = {}
         for name, cs in candidates.items():
-            best = max(range(len(cs)), key=lambda j: (*keys[by_setting[cs[j].setting]], -j))
-            chosen[name] = sweep[by_setting[cs[best].setting]]
-        log(f"  dev sweep: {len(d.queries)} items x {len(flat)} settings in {time.perf_counter() - t0:.0f}s")
+            scored = [j for j in range(len(cs)) if cs[j].setting in key]
+            best_j = max(scored, key=lambda j: (*key[cs[j].setting], -j))
+            chosen[name] = next(p for p in sweep if p.setting == cs[best_j].setting)
+        log(f"  dev sweep: {len(target.dev.queries)} items x {len(sweep) - 1} settings in "
+            f"{time.perf_counter() - t0:.0f}s")
     else:
         chosen = borrowed_settings(target.task.name, donors, list(candidates))
         log(f"  no train split: settings borrowed from the dev sweeps of "

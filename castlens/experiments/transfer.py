@@ -78,6 +78,7 @@ class TransferConfig(ProtocolConfig):
     embedder: str = "model"           # embeddings for the graph search: EMBEDDERS
     n_boot: int = 1000
     n_random: int = 1                 # norm-matched random controls, each its own seed, each through the sweep
+    staged_sweep: bool = False        # dev sweep: middle strength first, then every strength at the 2 best layers
     draw_seed: int | None = None      # the source side alone (samples, demonstrations, pool); None: seed
     function_vector: bool = False     # add the function-vector construction (top-k heads, k in fv_heads)
     fv_heads: tuple[int, ...] = (1, 3, 5, 10)
@@ -187,7 +188,8 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
             full = {k: v.float()[None].expand(model.cfg.n_layers, -1).clone() for k, v in fvs.items()}
             cands["function_vector"] = [Candidate(Setting("function_vector", layer, s, f"top{k}"), full[k])
                                         for k in cfg.fv_heads for layer in layers for s in cfg.strengths]
-        part = tune_and_test(model, target, cands, donors=done, batch_size=batch_size, log=log)
+        part = tune_and_test(model, target, cands, donors=done, batch_size=batch_size, log=log,
+                             staged=cfg.staged_sweep)
         part = part.with_methods({**calibrated_zero_shot(model, target, batch_size),
                                   **in_task_icl(model, target, batch_size),
                                   **cross_task_icl(model, cfg, target, record, sources, batch_size)})
