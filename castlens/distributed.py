@@ -10,7 +10,9 @@ so that a killed run resumes. Data parallelism needs nothing more than that::
     rank 0 reads all parts and writes the tables             (the code a single process runs)
 
 No tensor crosses a process boundary: ranks meet only at barriers, and the file system carries the parts. So the
-merged files are those of a single-process run (each unit is computed by the same code on the same inputs), a
+merged files are those of a single-process run (each unit is computed by the same code on the same inputs; bit
+for bit at the same thread count: torchrun gives each rank one CPU thread, and a matmul's sum order, hence its last
+bit and a dev sweep's near-ties, depends on the thread count), a
 rank that is killed loses only its unfinished unit (rerun the same launch: finished parts are kept, the rest
 re-split), and a rank that fails fails the launch: torchrun stops the other ranks and reports that rank's
 error (the CLI records it with torch's ``@record``). The backend is gloo on CPU and nccl on GPU, where each

@@ -55,7 +55,8 @@ class PromptFormat:
         return text + " " + self.answer(ex) if with_answer else text
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON types (``choice_labels`` as a list), so a saved format compares equal to a loaded one."""
+        return {**asdict(self), "choice_labels": list(self.choice_labels)}
 
 
 def default_format(task: Task) -> PromptFormat:

@@ -94,8 +94,16 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, data_dir):
+    """The single-process run, on one thread like each torchrun rank: a CPU matmul's sum order depends on the thread
+    count, so two thread counts differ in the last float bit, and a dev sweep's near-ties may then pick another
+    setting. Same threads, same bits."""
     out = tmp_path_factory.mktemp("single") / "run"
-    assert main([*TRANSFER, "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*TRANSFER, "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
