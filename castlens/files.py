@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "write_json", "remove_stale_temp", "TEMP_GLOB"]
+__all__ = ["atomic_write", "write_json", "as_json", "remove_stale_temp", "TEMP_GLOB"]
 
 TEMP_GLOB = ".*.tmp"
 
@@ -40,6 +40,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """``obj`` as indented JSON (one space, non-ASCII kept, trailing newline), written atomically."""
     return atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def as_json(obj: Any) -> Any:
+    """``obj`` as JSON reads it back (tuples become lists), so what is saved compares equal to what is loaded."""
+    return json.loads(json.dumps(obj))
 
 
 def remove_stale_temp(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:

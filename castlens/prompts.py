@@ -24,6 +24,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from castlens.files import as_json
 from castlens.tasks import Example, Task, TaskError
 
 
@@ -56,7 +57,7 @@ class PromptFormat:
 
     def to_dict(self) -> dict:
         """Plain JSON types (``choice_labels`` as a list), so a saved format compares equal to a loaded one."""
-        return {**asdict(self), "choice_labels": list(self.choice_labels)}
+        return as_json(asdict(self))
 
 
 def default_format(task: Task) -> PromptFormat:

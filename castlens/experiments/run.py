@@ -30,7 +30,7 @@ from typing import Any, Callable, Collection, Mapping, Protocol, Sequence, TypeV
 
 from castlens.distributed import World
 from castlens.distributed import world as _world
-from castlens.files import atomic_write, remove_stale_temp, write_json
+from castlens.files import as_json, atomic_write, remove_stale_temp, write_json
 
 __all__ = ["Run", "RunConfig", "RunError"]
 
@@ -45,15 +45,10 @@ class RunConfig(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
-def _plain(obj: Any) -> Any:
-    """JSON-normalised (tuples become lists), so a config compares equal to its own file."""
-    return json.loads(json.dumps(obj))
-
-
 def _defaults(config: Any) -> dict[str, Any]:
     if not dataclasses.is_dataclass(config):
         return {}
-    return _plain({f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING})
+    return as_json({f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING})
 
 
 class Run:
@@ -77,7 +72,7 @@ class Run:
 
     def _open(self) -> None:
         config, inputs = self.config, self._inputs
-        now = _plain(config.to_dict())
+        now = as_json(config.to_dict())
         if inputs:
             now["inputs"] = dict(sorted(inputs.items()))
         path = self.out / "config.json"
