@@ -79,7 +79,8 @@ def _load(a: argparse.Namespace, tasks: Sequence[str] = ()) -> Any:
 
     placed = {k: getattr(a, k) for k in ("device_map", "max_memory", "offload_folder") if getattr(a, k, None)}
     device = getattr(a, "device", None) or (None if "device_map" in placed else world().device)  # torchrun: own GPU
-    return load_model(a.model, device=device, dtype=getattr(a, "dtype", None), **placed)
+    # Rank 0 first: a first load converts the model into the cache, and transformers writes weights on rank 0 only.
+    return world().once(lambda: load_model(a.model, device=device, dtype=getattr(a, "dtype", None), **placed))
 
 
 def _result(text: str) -> None:

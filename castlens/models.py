@@ -35,6 +35,7 @@ import contextlib
 import difflib
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -52,6 +53,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-llama"
 TINY_GEMMA3 = "tiny-gemma3"
 WEIGHT_PROCESSING = "none (raw residual-stream coordinates of the Hugging Face model)"
+COMPLETE = "castlens-cache.json"  # written last into a model cache folder: the cache is finished
 GEMMA_TERMS = "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"
 
 Kind = Literal["base", "instruct", "random"]
@@ -331,20 +333,35 @@ def _convert(spec: ModelSpec, target: Path) -> None:
     try:
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if not target.exists():  # else another process finished first
-            os.replace(tmp, target)  # atomic: a half-written cache is never visible
+        if not (tmp / "config.json").is_file() or not any(tmp.glob("*.safetensors")):
+            raise ModelError(f"converting {spec.name}: transformers wrote no weights to {tmp} (under torch.distributed "
+                             "it saves on rank 0 only): load the model once on rank 0 or outside torchrun first")
+        (tmp / COMPLETE).write_text(json.dumps({"model": spec.name, "gguf_sha256": spec.sha256}) + "\n")
+        if target.exists():  # an incomplete cache (an interrupted older castlens): replaced whole
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a half-written cache is never visible
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cache_complete(target: Path) -> bool:
+    """Whether ``target`` is a finished cache: its marker is the last file written before the folder is renamed
+    into place."""
+    return (target / COMPLETE).is_file()
 
 
 def _load_embedded(spec: ModelSpec, dtype: Any, placement: dict[str, Any]) -> tuple[Any, Any]:
     """An embedded model from the local cache, creating the cache from its GGUF file on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from filelock import FileLock
+
     target = cache_dir() / spec.name
-    if not (target / "config.json").is_file():
-        _convert(spec, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{spec.name}.lock")):  # one process converts; the others wait, then read
+        if not _cache_complete(target):
+            _convert(spec, target)
     tok = AutoTokenizer.from_pretrained(target)
     hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **placement)
     return hf, tok

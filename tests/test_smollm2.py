@@ -58,3 +58,26 @@ def test_batched_padding_on_smollm2(smollm2):
         batched = last_token_resid(smollm2, prompts, batch_size=8, padding_side=side)
         rel = (batched - alone).abs() / alone.abs().amax(-1, keepdim=True)
         assert rel.max() < 1e-4, side
+
+
+def test_concurrent_first_loads_share_one_cache(tmp_path):
+    """Two processes loading on a machine with no cache (torchrun ranks, two notebooks): one converts, the other
+    waits and reads the finished cache. An incomplete folder from an interrupted run (tokenizer files, no weights)
+    is rebuilt, not read. Before the lock, a clean 2-rank launch failed with "Unrecognized model"."""
+    import os
+    import subprocess
+    import sys
+
+    broken = tmp_path / "smollm2-135m-instruct"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text("{}")
+    code = "import castlens; m = castlens.load_model(); print(m.cfg.n_layers, m.cfg.d_model)"
+    env = {**os.environ, "CASTLENS_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == ["30", "576"]
+    assert (broken / "config.json").is_file() and (broken / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".smollm2-135m-instruct-")]  # no temp folder left
