@@ -116,6 +116,40 @@ def test_steered_settings_equal_one_steered_full_forward_each(model, pieces, mod
     assert (fast[0][fin] - fast[1][fin]).abs().max() > 1e-3  # steering did change the scores
 
 
+@pytest.mark.parametrize("model", FLOAT32, indirect=True, ids=lambda c: "-".join(map(short, c)))
+def test_late_start_equals_running_every_layer(model, pieces):
+    """A setting hooked from layer L on runs the option chunk from layer L, on the unsteered residual entering it:
+    the same numbers as running layers 0..L-1 again under each setting (nothing below L depends on the setting),
+    with those layers skipped. Covers no unsteered setting among them (one is added, and dropped from the output),
+    head patching, patching in, layer 0 and the last layer."""
+    from castlens.reuse import can_start_late
+
+    assert can_start_late(model)
+    prefix, queries, _, opt_ids = pieces
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(4, 64, generator=g) * 4
+    z = torch.randn(model.cfg.d_head, generator=g)
+    settings = [Setting("l2", v, 2, 1.5), Setting("l3", v, 3, -2.0), Setting("l0", v, 0, 1.0),
+                Setting("rep1", v, 1, mode="replace"), Setting("head", heads=((1, 0, z),)),
+                Setting("both", v, 3, 0.5, heads=((2, 1, z),))]
+    fast = prefix_option_logprobs(model, prefix, queries, opt_ids, settings, batch_size=2)
+    slow = prefix_option_logprobs(model, prefix, queries, opt_ids, settings, batch_size=2, late_start=False)
+    assert fast.shape == slow.shape == (len(settings), len(queries), 4)
+    fin = torch.isfinite(slow)
+    assert torch.isfinite(fast).equal(fin)
+    assert_close(fast[fin], slow[fin], model.cfg.dtype)
+    with_unsteered = prefix_option_logprobs(model, prefix, queries, opt_ids, [UNSTEERED, *settings], batch_size=2)
+    assert_close(with_unsteered[1:][fin], slow[fin], model.cfg.dtype)
+
+    calls: list[int] = []  # how many times each layer runs: the layers below a late start must not
+    hooks = [(f"blocks.{i}.hook_resid_post", lambda x, hook, i=i: calls.append(i)) for i in range(4)]
+    with model.hooks(fwd_hooks=hooks):
+        prefix_option_logprobs(model, prefix, queries[:1], opt_ids[:1], [Setting("l3", v, 3, 1.0)], batch_size=1)
+    passes = {i: calls.count(i) for i in range(4)}
+    # prefix, body, the added unsteered pass: every layer; the steered chunk: layer 3 only
+    assert passes == {0: 3, 1: 3, 2: 3, 3: 4}, passes
+
+
 def test_last_token_resid_equals_the_plain_path(model, pieces):
     prefix, queries, _, _ = pieces
     dtype = model.cfg.dtype
