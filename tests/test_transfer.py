@@ -279,3 +279,17 @@ def test_draw_seed_redraws_the_source_samples_alone(tmp_path, tiny):
     assert a["gold"] == b["gold"] and a["n_dev"] == b["n_dev"]
     assert a["methods"]["zero_shot"]["pred"] == b["methods"]["zero_shot"]["pred"]
     assert a["sweep"][0] == b["sweep"][0]  # the unsteered dev point: the same dev items
+
+
+def test_paired_delta_against_the_mean_of_several_references():
+    """Against several references (the random draws), the item-wise difference to their mean, by hand."""
+    a, r1, r2 = [1, 1, 0, 1, 0, 1], [0, 1, 0, 0, 0, 1], [1, 0, 0, 0, 1, 1]
+    p = _part({"a": a, "r1": r1, "r2": r2})
+    iv = paired_delta([p], "a", ["r1", "r2"], n_boot=300, seed=2)
+    x = np.array(a) - (np.array(r1) + np.array(r2)) / 2  # [0.5, 0.5, 0, 1, -0.5, 0]
+    assert iv.point == pytest.approx(x.mean()) == pytest.approx(0.25)
+    idx = np.random.default_rng(2).integers(0, 6, size=(300, 6))
+    assert (iv.lo, iv.hi) == pytest.approx(tuple(np.percentile(x[idx].mean(1), [2.5, 97.5])))
+    assert paired_delta([p], "a", ["r1"]) == paired_delta([p], "a", "r1")
+    with pytest.raises(ValueError, match="no reference"):
+        paired_delta([p], "a", [])

@@ -292,12 +292,21 @@ def summarize(parts: Sequence[TargetResult], methods: Sequence[str], refs: Mappi
     return out
 
 
-def paired_delta(parts: Sequence[TargetResult], a: str, b: str, n_boot: int = 1000, seed: int = 0) -> Interval:
+def paired_delta(parts: Sequence[TargetResult], a: str, b: str | Sequence[str], n_boot: int = 1000, seed: int = 0
+                 ) -> Interval:
     """Mean over ``parts`` of accuracy(``a``) - accuracy(``b``) with a paired bootstrap 95% interval: items are
-    resampled within each part, the same draws for both methods and the same draws as :func:`summarize`."""
+    resampled within each part, the same draws for both methods and the same draws as :func:`summarize`.
+
+    ``b`` may name several methods (the random draws): ``a`` is then compared with their mean, item by item,
+    ``x_i = correct_a(i) - mean_k correct_k(i)``, so the interval covers the item sampling, not the spread of
+    the draws (which :func:`castlens.experiments.transfer.random_table` reports beside it)."""
+    refs = [b] if isinstance(b, str) else list(b)
+    if not refs:
+        raise ValueError("paired_delta: no reference method given")
     draws, point = [], []
     for p in parts:
-        x = np.asarray(p.methods[a].correct, float) - np.asarray(p.methods[b].correct, float)
+        x = np.asarray(p.methods[a].correct, float) - np.mean([np.asarray(p.methods[r].correct, float)
+                                                              for r in refs], 0)
         draws.append(x[boot_index(p.n_test, n_boot, seed)].mean(1))
         point.append(x.mean())
     return Interval(float(np.mean(point)), *_ci(np.mean(draws, 0)))

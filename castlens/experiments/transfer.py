@@ -39,7 +39,7 @@ from torch import Tensor
 from castlens.experiments.protocol import (Candidate, ProtocolConfig, calibrated_zero_shot, check_config,
                                            default_layers, grid, in_task_icl, open_run, prepare, prompted, split_dev,
                                            tune_and_test)
-from castlens.experiments.results import Row, Setting, TargetResult, fmt_interval, summarize, to_csv
+from castlens.experiments.results import Row, Setting, TargetResult, fmt_interval, paired_delta, summarize, to_csv
 from castlens.experiments.run import Run
 from castlens.experiments.sources import (CONSTRUCTIONS, EMBEDDERS, MODES, SourceRecord, embedded_pool,
                                           random_samples, source_function_vectors, source_vectors,
@@ -214,22 +214,32 @@ def random_draws(cfg: TransferConfig) -> list[str]:
 
 def random_table(parts: Sequence[TargetResult], cfg: TransferConfig) -> list[str]:
     """Markdown: per target, the random controls as a distribution (mean, standard deviation, range of test
-    accuracy over ``n_random`` draws, each tuned by the same sweep) and the rank of each CAST construction among
-    them (1 = above every draw). Empty with a single draw."""
+    accuracy over ``n_random`` draws, each tuned by the same sweep), the rank of each CAST construction among
+    them (1 = above every draw) and its paired difference to the draws' mean (:func:`paired_delta`), then the
+    mean over targets. Empty with a single draw."""
     names = ["random_vector", *random_draws(cfg)]
     if len(names) < 2:
         return []
     ranked = [c for c in ("cast_mean_diff", "icv_pc1", "function_vector") if all(c in p.methods for p in parts)]
     lines = ["", f"Random controls as a distribution: {len(names)} norm-matched random vectors, each tuned by the "
-             "same dev sweep; test accuracy in %, and the rank of each construction among the draws "
-             f"(1 = above all {len(names)}).", "",
-             "| target | random mean | sd | min - max | " + " | ".join(f"{c} rank" for c in ranked) + " |",
-             "|---|---|---|---|" + "---|" * len(ranked)]
+             "same dev sweep; test accuracy in %, the rank of each construction among the draws "
+             f"(1 = above all {len(names)}), and its paired difference to the draws' mean in points (95% bootstrap "
+             "interval over test items; `~`: inside the noise).", "",
+             "| target | random mean | sd | min - max | " + " | ".join(f"{c} rank" for c in ranked) + " | "
+             + " | ".join(f"{c} vs random mean" for c in ranked) + " |",
+             "|---|---|---|---|" + "---|" * 2 * len(ranked)]
     for p in parts:
         acc = np.array([p.methods[n].accuracy for n in names if n in p.methods])
         ranks = [1 + int((acc > p.methods[c].accuracy).sum()) for c in ranked]
+        vs = [fmt_interval(paired_delta([p], c, [n for n in names if n in p.methods], cfg.n_boot, cfg.seed))
+              for c in ranked]
         lines.append(f"| {p.target} | {100 * acc.mean():.1f} | {100 * acc.std(ddof=1):.1f} | {100 * acc.min():.1f} - "
-                     f"{100 * acc.max():.1f} | " + " | ".join(f"{r} of {len(acc) + 1}" for r in ranks) + " |")
+                     f"{100 * acc.max():.1f} | " + " | ".join(f"{r} of {len(acc) + 1}" for r in ranks) + " | "
+                     + " | ".join(vs) + " |")
+    if len(parts) > 1 and all(n in p.methods for p in parts for n in names):
+        means = [np.mean([p.methods[n].accuracy for n in names]) for p in parts]
+        vs = [fmt_interval(paired_delta(parts, c, names, cfg.n_boot, cfg.seed)) for c in ranked]
+        lines.append(f"| mean | {100 * np.mean(means):.1f} | | | " + " | " * len(ranked) + " | ".join(vs) + " |")
     return lines
 
 
