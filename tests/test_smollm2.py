@@ -81,3 +81,21 @@ def test_concurrent_first_loads_share_one_cache(tmp_path):
         assert out.split() == ["30", "576"]
     assert (broken / "config.json").is_file() and (broken / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".smollm2-135m-instruct-")]  # no temp folder left
+
+
+def test_a_two_rank_launch_on_a_machine_without_a_cache(tmp_path):
+    """``torchrun --nproc-per-node 2`` as the first use of the model on a machine: rank 0 converts it while rank 1
+    waits (transformers writes weights on rank 0 only; a rank-1 conversion left a cache of tokenizer files that
+    failed every later load, which is how a clean `make protocol-figures` failed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CASTLENS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "castlens",
+           "--", "vectors", "--tasks", "uppercase,plural", "--n", "2", "--shots", "1", "--out", str(tmp_path / "v")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cache = tmp_path / "cache" / "smollm2-135m-instruct"
+    assert (cache / "model.safetensors").is_file() and (cache / "config.json").is_file()
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".smollm2-135m-instruct-")] == []
