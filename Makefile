@@ -109,8 +109,8 @@ transfer-figures: $(STAMP)
 # The stricter protocol (issues #15, #16) on both models, same command: CAST against five norm-matched random vectors
 # (each tuned by the same dev sweep), contextual calibration, multiple-choice targets scored by option text, and a
 # function vector as one more construction.
-# Five random draws and 300 test items per target keep each model's run under 90 min on 2 cores (option-text scoring
-# makes every setting cost every option's tokens); Financial PhraseBank, the target where transfer shows, goes first.
+# Five random draws and 300 test items per target, to bound the cost (option-text scoring makes every setting cost
+# every option's tokens; a run is still near 90 min on 2 cores, see figures/README); Financial PhraseBank goes first.
 # The targets are split over 2 processes of one thread each (torchrun; the files equal a one-thread single process).
 PROTOCOL := --n-random 5 --limit 300 --mc-scoring text --function-vector --staged-sweep --sources $(CAST_SOURCES) \
 	--targets financial_phrasebank,sciq,arc_challenge,social_i_qa,medmcqa
