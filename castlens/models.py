@@ -328,7 +328,6 @@ def _convert(spec: ModelSpec, target: Path) -> None:
     hf.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
     try:
         hf.save_pretrained(tmp)

@@ -160,17 +160,17 @@ def _attention_mask(model: TransformerBridge, mask: Tensor, pos: Tensor) -> Tens
 
 def _forward(model: TransformerBridge, ids: Tensor, mask: Tensor, pos: Tensor, kv: KV | DynamicCache | None,
              read: list[tuple[int, int, int]] | None, resid_layers: Sequence[int] = (),
-             capture: Sequence[int] = (), start: int = 0, h0: Tensor | None = None
+             entering: dict[int, Tensor | None] | None = None, start: int = 0, h0: Tensor | None = None
              ) -> tuple[DynamicCache, Tensor | None, dict[int, Tensor]]:
     """One bridge forward on top of cached keys/values ``kv``; returns the grown cache, the final residual at
     ``read`` = [(row, start, n)] spans (concatenated rows) and the residual at the last column for
     ``resid_layers``. No unembedding is computed here; a pass that only reads ``resid_layers`` stops after the
     deepest of them (its cache is then incomplete and must not be reused).
 
-    ``capture``: layers whose whole ``hook_resid_post`` [row, col, d_model] (model dtype and device) is returned
-    too, keyed ``-1 - layer``. ``start > 0``: the pass begins at layer ``start`` from ``h0``, the residual
-    entering it (``blocks.{start-1}.hook_resid_post`` of the same ids, captured by an earlier pass); layers below
-    ``start`` are skipped (:func:`_layers_from`) and their cache layers are left as they are."""
+    ``entering``: each layer ``L >= 1`` it has as a key is set, in place, to the whole residual entering ``L``
+    (``blocks.{L-1}.hook_resid_post`` [row, col, d_model], model dtype and device). ``start > 0``: the pass begins
+    at layer ``start`` from ``h0``, the residual entering it (captured by an earlier pass of the same ids); layers
+    below ``start`` are skipped (:func:`_layers_from`) and their cache layers are left as they are."""
     device = input_device(model)
     if isinstance(kv, DynamicCache):
         cache = kv
@@ -180,11 +180,12 @@ def _forward(model: TransformerBridge, ids: Tensor, mask: Tensor, pos: Tensor, k
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
     out: dict = {"resid": {}}
     final = max(resid_layers) if resid_layers and read is None else model.cfg.n_layers - 1
+    capture = {x - 1 for x in entering or {}}
 
     def grab(layer: int):
         def hook(x: Tensor, hook) -> None:
-            if layer in capture:
-                out["resid"][-1 - layer] = x
+            if entering is not None and layer in capture:
+                entering[layer + 1] = x
             if layer in resid_layers:
                 out["resid"][layer] = x[:, -1].float().cpu()
             if layer == final and read is not None:
@@ -193,7 +194,7 @@ def _forward(model: TransformerBridge, ids: Tensor, mask: Tensor, pos: Tensor, k
                 raise StopForward
         return hook
 
-    hooks = [(HOOK.format(layer=layer), grab(layer)) for layer in sorted(set(resid_layers) | set(capture) | {final})]
+    hooks = [(HOOK.format(layer=layer), grab(layer)) for layer in sorted(set(resid_layers) | capture | {final})]
     mask_arg = _attention_mask(model, mask, pos)
     with model.hooks(fwd_hooks=hooks), _layers_from(model, start) as decoder:
         try:
@@ -443,18 +444,17 @@ def prefix_option_logprobs(model: TransformerBridge, prefix_ids: Sequence[int], 
             read = [(r, 0, len(c)) for r, c in enumerate(chunks)]
             offsets = torch.tensor([0] + [len(c) for c in chunks]).cumsum(0)
             timings["body"] = timings.get("body", 0.0) + clock() - t0
-            base: dict[int, Tensor] = {}  # layer -> unsteered residual entering it, at every chunk column
+            base: dict[int, Tensor | None] = {}  # layer -> unsteered residual entering it, at every chunk column
             for si in order:
                 s = settings[si]
                 t0 = clock()
                 start = starts[si]
+                capture = bool(late) and s.first_layer is None and not base  # the first pass without hooks
+                if capture:
+                    base = dict.fromkeys(late)
                 with s.applied(model, torch.zeros(len(rows), dtype=torch.long)):
-                    _, h, res = _forward(model, ids, full_mask, pos, kv_rows, read,
-                                         capture=[x - 1 for x in late] if s.first_layer is None and not base
-                                         else (),
-                                         start=start, h0=base.get(start))
-                base.update({-k: v for k, v in res.items() if k < 0})  # captured at start - 1: key start
-                res.clear()
+                    _, h, _ = _forward(model, ids, full_mask, pos, kv_rows, read, start=start, h0=base.get(start),
+                                       entering=base if capture else None)
                 assert h is not None  # read= was given: the final residual at the option positions
                 lp = torch.log_softmax(model.unembed(model.ln_final(h[None]))[0].float(), -1).cpu()
                 for b, q in enumerate(batch):
