@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures selection-figures gemma-figures protocol-figures gemma-protocol-figures explain-figures gemma-explain-figures clean
+.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures gemma-compose-figures selection-figures gemma-selection-figures gemma-figures protocol-figures gemma-protocol-figures protocol-cross-lingual-figures gemma-protocol-cross-lingual-figures explain-figures gemma-explain-figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -79,9 +79,12 @@ bench-peers: $(STAMP)
 
 # Rewrite every committed table from its committed parts (no model): `git diff --stat figures` stays empty.
 report: $(STAMP)
-	for d in transfer_cross_domain transfer_cross_lingual selection_study selection_study_minilm steer2adapt; do \
-		$(VENV)/bin/castlens report figures/$$d --no-png || exit 1; done
-	$(VENV)/bin/castlens report figures/steer2adapt_random_library --no-png --compare-to figures/steer2adapt
+	for d in transfer_cross_domain transfer_cross_lingual transfer_protocol transfer_cross_lingual_protocol \
+		selection_study selection_study_minilm steer2adapt gemma-3-270m/transfer_protocol \
+		gemma-3-270m/transfer_cross_lingual_protocol gemma-3-270m/selection_study gemma-3-270m/steer2adapt; do \
+		[ ! -d figures/$$d ] || $(VENV)/bin/castlens report figures/$$d --no-png || exit 1; done
+	for m in . gemma-3-270m; do [ ! -d figures/$$m/steer2adapt_random_library ] || $(VENV)/bin/castlens report \
+		figures/$$m/steer2adapt_random_library --no-png --compare-to figures/$$m/steer2adapt || exit 1; done
 
 # The committed figures/: the parallel-direction analysis on SmolLM2 with the 8 CAST source tasks, the 5 CAST
 # targets and the 8 built-in tasks. PNG export needs a Chromium binary (Debian package; root installs it here).
@@ -118,9 +121,22 @@ TORCHRUN2 := OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --npr
 protocol-figures: $(STAMP)
 	$(TORCHRUN2) $(TRANSFER_ARGS) $(PROTOCOL) --out figures/transfer_protocol
 
+# Gemma's committed protocol run swept layers 1..16, the default before it became every ceil(n_layers/10)-th layer
+# (2, 4, ..., 16 on Gemma; SmolLM2's grid did not change); recomputing it on the smaller grid is open (issue #15).
 gemma-protocol-figures: $(STAMP)
-	$(TORCHRUN2) $(TRANSFER_ARGS) --model gemma-3-270m $(PROTOCOL) \
+	$(TORCHRUN2) $(TRANSFER_ARGS) --model gemma-3-270m $(PROTOCOL) --layers 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16 \
 		--out figures/gemma-3-270m/transfer_protocol
+
+# Cross-lingual transfer under the same protocol on both models (English sources -> non-English targets; labels
+# are words, so the scoring mode does not matter; no function vector, whose head ranking is a run's largest fixed cost).
+CROSS_LINGUAL := --n-random 5 --limit 300 --staged-sweep --sources mnli,xnli_en,pawsx_en,sst2 \
+	--targets xnli_zh,xnli_fr,xnli_de,pawsx_zh,pawsx_de,marc_zh,eprstmt_zh
+protocol-cross-lingual-figures: $(STAMP)
+	$(TORCHRUN2) $(TRANSFER_ARGS) $(CROSS_LINGUAL) --out figures/transfer_cross_lingual_protocol
+
+gemma-protocol-cross-lingual-figures: $(STAMP)
+	$(TORCHRUN2) $(TRANSFER_ARGS) --model gemma-3-270m $(CROSS_LINGUAL) \
+		--out figures/gemma-3-270m/transfer_cross_lingual_protocol
 
 # Source-sample selection (CAST Sec. 3.2): random / relevance / diversity / cast selection at 32 samples on the 5 CAST
 # targets, and accuracy against 4..128 samples for CAST vectors and for cross-task ICL with the same samples; then
@@ -131,12 +147,29 @@ selection-figures: $(STAMP)
 	$(VENV)/bin/castlens selection-study --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) --batch-size 32 \
 		--embedder minilm --ns '' --out figures/selection_study_minilm
 
+# The selection ablation on Gemma 3 (issue #15): the same 4 methods at 32 samples, with its multiple-choice targets
+# scored by option text and 300 test items each (as in the protocol runs); the scaling curve is SmolLM2's alone (its
+# cross-task ICL prompts of up to 8k tokens cost most of that run, and Gemma's forward pass is twice SmolLM2's).
+gemma-selection-figures: $(STAMP)
+	$(TORCHRUN2) selection-study --model gemma-3-270m --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) \
+		--batch-size 32 --mc-scoring text --limit 300 --ns '' --out figures/gemma-3-270m/selection_study
+
+S2A := --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60
 # Steer2Adapt: per-task CAST vectors of the 8 CAST source tasks form the library; each held-out target (with a
 # train split for its 12 examples) is adapted with the vectors of the other task families.
 compose-figures: $(STAMP)
 	$(VENV)/bin/castlens vectors --tasks $(CAST_SOURCES) --n 32 --shots 4 --overwrite --out figures/steer2adapt/library
-	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --out figures/steer2adapt
-	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors --targets financial_phrasebank,sst2,mnli,ag_news,sciq --examples 12 --trials 60 --random-library --compare-to figures/steer2adapt --out figures/steer2adapt_random_library
+	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors $(S2A) --out figures/steer2adapt
+	$(VENV)/bin/castlens compose --library figures/steer2adapt/library.safetensors $(S2A) --random-library --compare-to figures/steer2adapt --out figures/steer2adapt_random_library
+
+gemma-compose-figures: $(STAMP)
+	$(VENV)/bin/castlens vectors --model gemma-3-270m --tasks $(CAST_SOURCES) --n 32 --shots 4 --overwrite \
+		--out figures/gemma-3-270m/steer2adapt/library
+	$(VENV)/bin/castlens compose --model gemma-3-270m --library figures/gemma-3-270m/steer2adapt/library.safetensors \
+		$(S2A) --out figures/gemma-3-270m/steer2adapt
+	$(VENV)/bin/castlens compose --model gemma-3-270m --library figures/gemma-3-270m/steer2adapt/library.safetensors \
+		$(S2A) --random-library --compare-to figures/gemma-3-270m/steer2adapt \
+		--out figures/gemma-3-270m/steer2adapt_random_library
 
 # The mechanism of the shared direction (issue #16): attribution and head patching on the 21 tasks of `make figures`
 # (8 per task), and which part of the CAST vector transfers to the 5 CAST targets (300 test items each).

@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
             "n_boot": (("--n-boot",), dict(type=int, default=1000, help="bootstrap draws")),
             "out": (("--out",), dict(required=True, help="output folder (an interrupted run resumes in it)")),
             "layers": (("--layers",), dict(type=_numbers(int), default=None,
-                                           help="layers to sweep (default: every n_layers/10-th)")),
+                                           help="layers to sweep (default: every ceil(n_layers/10)-th, at most 9)")),
             "pool": (("--pool",), dict(type=int, default=200, help="candidates per source for graph selection")),
             "embedder": (("--embedder",), dict(default="model", choices=["model", "minilm"], help="embeddings for "
                          "the graph search: the model's middle-layer residual stream, or all-MiniLM-L6-v2")),

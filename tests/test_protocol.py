@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from castlens.evaluation import option_logprobs
-from castlens.experiments.protocol import ProtocolConfig, grid, options_for, prepare, tune_and_test
+from castlens.experiments.protocol import ProtocolConfig, default_layers, grid, options_for, prepare, tune_and_test
 from castlens.experiments.results import Setting
 from castlens.steering import steering
 from castlens.tasks import load_task
@@ -142,3 +142,12 @@ def test_borrowing_from_staged_sweeps_uses_the_settings_every_donor_scored():
     got = borrowed_settings("t", [a, b], ["v"])["v"]
     assert (got.setting.layer, got.setting.strength) == (1, 4.0) and got.dev_accuracy == pytest.approx(0.6)
     assert got.borrowed_from == ("a", "b")
+
+
+@pytest.mark.parametrize("n_layers", range(3, 65))
+def test_default_layers_cover_the_depth_evenly_with_at_most_nine(n_layers):
+    layers = default_layers(n_layers)
+    steps = set(np.diff(layers).tolist())
+    assert 1 <= len(layers) <= 9 and len(steps) <= 1  # evenly spaced, a bounded sweep at any depth
+    assert layers[0] == (steps or {1}).pop() and 0 < layers[-1] < n_layers - 1  # neither the first nor the last
+    assert n_layers - 1 - layers[-1] <= layers[0]  # no gap at the top larger than the step

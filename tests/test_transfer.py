@@ -121,6 +121,15 @@ def test_refuses_to_resume_with_a_different_config(tmp_path, tiny):
         _run(tmp_path, tiny, "a", shots=3)
 
 
+def test_the_folder_records_the_default_grid_so_a_changed_default_cannot_resume_it(tmp_path, tiny, monkeypatch):
+    _, _, out = _run(tmp_path, tiny, "d", layers=None)
+    recorded = json.loads((out / "config.json").read_text())["layers"]
+    assert recorded == [1, 2] == json.loads((out / "parts" / "plural.part.json").read_text())["layers"]
+    monkeypatch.setattr(tr, "default_layers", lambda n: (1,))
+    with pytest.raises(ValueError, match="different config"):
+        _run(tmp_path, tiny, "d", layers=None)
+
+
 def test_test_only_target_borrows_settings_from_the_other_targets(tmp_path, tiny):
     _, rows, out = _run(tmp_path, tiny, "b", targets=("plural", "medmcqa"), limit=6)
     part = json.loads((out / "parts" / "medmcqa.part.json").read_text())

@@ -112,8 +112,9 @@ def check_layers(layers: Sequence[int] | None, n_layers: int) -> None:
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
-    """Every ``n_layers // 10``-th layer, skipping the first and last (30 layers: 3, 6, ..., 27)."""
-    step = max(1, n_layers // 10)
+    """Every ``ceil(n_layers / 10)``-th layer, skipping the first and last: at most 9 layers at any depth, so a
+    sweep costs the same share of a model's depth (30 layers: 3, 6, ..., 27; 18 layers: 2, 4, ..., 16)."""
+    step = max(1, -(-n_layers // 10))
     return tuple(range(step, n_layers - 1, step)) or (0,)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -184,6 +184,8 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: str | Path, data_
               ) -> tuple[list[Row], list[Row]]:
     """The study into ``out``: ``config.json``, ``candidates.safetensors``, one part per target (a rerun
     resumes), then the tables and figures (:func:`report`). Returns the ablation and the scaling rows."""
+    # the grid written out: the folder's config records what ran, and a changed default cannot resume it
+    cfg = replace(cfg, layers=tuple(cfg.layers or default_layers(model.cfg.n_layers)))
     run, sources, targets = open_run(model, cfg, out, data_dir, png, log, cfg.layers)
     diffs: dict[int, torch.Tensor] = {}
     order = sorted(targets, key=lambda t: not targets[t].train)  # a test-only target borrows from the others
@@ -224,8 +226,6 @@ class DeltaRow:
 
 def report(run: Run, cfg: StudyConfig, parts: Sequence[TargetResult]) -> tuple[list[Row], list[Row]]:
     """``ablation.csv``, ``scaling.csv``, ``results.md`` and the figures, from the finished parts alone."""
-    import dataclasses
-
     ablation = summarize(parts, ["zero_shot", *(variant_name(m, cfg.ablation_n) for m in cfg.methods)],
                          {"zero": "zero_shot", "random": variant_name("random", cfg.ablation_n)}, cfg.n_boot, cfg.seed)
     views = [icl_view(p) for p in parts]
@@ -239,7 +239,7 @@ def report(run: Run, cfg: StudyConfig, parts: Sequence[TargetResult]) -> tuple[l
             return None
         return float(np.mean([v.methods[r.method].demos_used for v in views if r.mean or v.target == r.target]))
 
-    scaling = [dataclasses.replace(r, n_samples=n_of.get(r.method), demos_used=used(r)) for r in scaling]
+    scaling = [replace(r, n_samples=n_of.get(r.method), demos_used=used(r)) for r in scaling]
     deltas = paired_table(views, cfg)
     run.write("ablation.csv", to_csv(ablation, ABLATION_COLUMNS))
     run.write("scaling.csv", to_csv(scaling, SCALING_COLUMNS))

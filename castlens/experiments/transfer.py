@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -163,6 +163,8 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
                  batch_size: int = 16, png: bool | None = None, log: Callable[[str], None] = print) -> list[Row]:
     """The whole run into ``out``: ``config.json``, the source vectors, one part per target, then the tables and
     figures (:func:`report`). A second call with the same config resumes; with a different one it refuses."""
+    # the grid written out: the folder's config records what ran, and a changed default cannot resume it
+    cfg = replace(cfg, layers=tuple(cfg.layers or default_layers(model.cfg.n_layers)))
     run, sources, targets = open_run(model, cfg, out, data_dir, png, log, cfg.layers)
     order = sorted(targets, key=lambda t: not targets[t].train)  # a test-only target borrows from the others
     shared = run.world.once(lambda: _vectors(model, cfg, list(sources.values()), run, "vectors.safetensors",
@@ -170,7 +172,7 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
     if shared is None and run.unfinished(order):  # the candidate pool once, before the ranks split the targets
         run.world.once(lambda: embedded_pool(model, list(sources.values()), cfg.shots, cfg.source_seed, cfg.pool,
                                              cfg.embedder, run.out / "candidates.safetensors", batch_size, run.log))
-    layers = list(cfg.layers or default_layers(model.cfg.n_layers))
+    layers = list(cfg.layers or ())  # written out at the top
 
     def compute(name: str, done: list[TargetResult]) -> TargetResult:
         t = targets[name]
