@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures gemma-compose-figures selection-figures gemma-selection-figures gemma-figures protocol-figures gemma-protocol-figures protocol-cross-lingual-figures gemma-protocol-cross-lingual-figures explain-figures gemma-explain-figures clean
+.PHONY: setup demo test test-fast lint bench bench-distributed bench-peers report figures transfer-figures compose-figures gemma-compose-figures selection-figures gemma-selection-figures gemma-figures protocol-figures gemma-protocol-figures protocol-cross-lingual-figures gemma-protocol-cross-lingual-figures protocol-draws-figures gemma-protocol-draws-figures explain-figures gemma-explain-figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -123,9 +123,24 @@ protocol-figures: $(STAMP)
 
 # Gemma's committed protocol run swept layers 1..16, the default before it became every ceil(n_layers/10)-th layer
 # (2, 4, ..., 16 on Gemma; SmolLM2's grid did not change); recomputing it on the smaller grid is open (issue #15).
+GEMMA_PROTOCOL_LAYERS := 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16
 gemma-protocol-figures: $(STAMP)
-	$(TORCHRUN2) $(TRANSFER_ARGS) --model gemma-3-270m $(PROTOCOL) --layers 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16 \
+	$(TORCHRUN2) $(TRANSFER_ARGS) --model gemma-3-270m $(PROTOCOL) --layers $(GEMMA_PROTOCOL_LAYERS) \
 		--out figures/gemma-3-270m/transfer_protocol
+
+# The spread between draws of the source samples on the headline target (Financial PhraseBank): the protocol run's
+# draw and two more (--draw-seed; no function vector), merged with the protocol run into spread.md.
+DRAWS := --n-random 5 --limit 300 --mc-scoring text --staged-sweep --sources $(CAST_SOURCES) --targets financial_phrasebank
+protocol-draws-figures: $(STAMP)
+	for s in 1 2; do $(TRANSFER) $(DRAWS) --draw-seed $$s --out figures/transfer_protocol_draws/seed$$s || exit 1; done
+	$(VENV)/bin/castlens merge figures/transfer_protocol figures/transfer_protocol_draws/seed1 \
+		figures/transfer_protocol_draws/seed2 --out figures/transfer_protocol_draws
+
+gemma-protocol-draws-figures: $(STAMP)
+	for s in 1 2; do $(TRANSFER) --model gemma-3-270m $(DRAWS) --layers $(GEMMA_PROTOCOL_LAYERS) --draw-seed $$s \
+		--out figures/gemma-3-270m/transfer_protocol_draws/seed$$s || exit 1; done
+	$(VENV)/bin/castlens merge figures/gemma-3-270m/transfer_protocol figures/gemma-3-270m/transfer_protocol_draws/seed1 \
+		figures/gemma-3-270m/transfer_protocol_draws/seed2 --out figures/gemma-3-270m/transfer_protocol_draws
 
 # Cross-lingual transfer under the same protocol on both models (English sources -> non-English targets; labels
 # are words, so the scoring mode does not matter; no function vector, whose head ranking is a run's largest fixed cost).
