@@ -189,5 +189,9 @@ def test_ablation_only_runs_no_icl(tiny, tmp_path):
     part = json.loads((tmp_path / "parts" / "plural.part.json").read_text())
     assert part["icl"] == {} and set(part["methods"]) == {"zero_shot", "random@3", "relevance@3", "diversity@3",
                                                           "cast@3"}
-    assert "## Scaling" not in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "## Scaling" not in md
     assert not list(tmp_path.glob("scaling_*"))
+    # the table says what it ran on: the run's 8 test items (not "whole test splits") and its scoring mode
+    assert f"{cfg.limit} seeded test items per target" in md and "whole test splits" not in md
+    assert "scored by their option letters" in md

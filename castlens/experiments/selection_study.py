@@ -268,6 +268,11 @@ def _setting(r: Row) -> str:
         else ""
 
 
+_SCORED_BY = {"letter": "their option letters (the prompt lists the options)",
+              "text": "option text (`--mc-scoring text`: each option's summed log-probability after `Answer:`, as "
+                      "lm-evaluation-harness's `acc`)"}
+
+
 def results_md(cfg: StudyConfig, ablation: Sequence[Row], scaling: Sequence[Row], deltas: Sequence[DeltaRow]) -> str:
     emb = {"model": "the model's own residual stream at its middle layer (mean over tokens after the first)",
            "minilm": "all-MiniLM-L6-v2 sentence embeddings"}[cfg.embedder]
@@ -278,7 +283,9 @@ def results_md(cfg: StudyConfig, ablation: Sequence[Row], scaling: Sequence[Row]
              f"pool's mean; each vector's layer and strength chosen on {cfg.dev} dev items "
              f"per target (from its train split; MedMCQA borrows). Accuracy in % with 95% bootstrap intervals over "
              f"test items ({cfg.n_boot} draws); deltas are paired, in points; `~` marks an interval containing 0.", "",
-             f"## Ablation: {cfg.ablation_n} samples per vector, whole test splits", "",
+             f"Multiple-choice targets are scored by {_SCORED_BY[cfg.mc_scoring]}.", "",
+             f"## Ablation: {cfg.ablation_n} samples per vector, "
+             f"{f'{cfg.limit} seeded test items per target' if cfg.limit else 'whole test splits'}", "",
              "| target | method | accuracy | vs zero-shot | vs random selection | layer x strength |",
              "|---|---|---|---|---|---|"]
     for r in ablation:
