@@ -96,3 +96,28 @@ def test_spread_over_draw_seeds_against_numpy(tmp_path):
     assert "| fpb | zero_shot | 33.0 (0.0) [33.0, 33.0] |  |  |" in md
     assert "sciq" not in md  # not in every run
     assert "draw_seed" in md.splitlines()[0]
+
+
+def test_spread_against_the_draws_mean_and_no_mean_over_other_targets(tmp_path):
+    """vs draws' mean: a method's accuracy minus the mean accuracy of the random draws of the same target and run;
+    ``mean`` rows are left out when the runs average over different targets (a 5-target run and 1-target runs)."""
+    import numpy as np
+
+    head = ["target", "method", "accuracy"]
+    cast, draws = [0.58, 0.52], [[0.40, 0.50, 0.45], [0.33, 0.41, 0.35]]
+
+    def rows(k):
+        return [head, ["fpb", "cast_mean_diff", str(cast[k])],
+                *(["fpb", "random_vector" + (f"_{i}" if i else ""), str(a)] for i, a in enumerate(draws[k])),
+                ["mean", "cast_mean_diff", "0.4"]]
+
+    runs = [_run(tmp_path / "all", {"draw_seed": None}, {"results.csv": [*rows(0), ["sciq", "cast_mean_diff", "0.3"]]}),
+            _run(tmp_path / "one", {"draw_seed": 1}, {"results.csv": rows(1)})]
+    merge_runs(runs, tmp_path / "m")
+    md = (tmp_path / "m" / "spread.md").read_text()
+    d = np.array([100 * (c - np.mean(w)) for c, w in zip(cast, draws)])
+    assert f"| {d.mean():+.1f} ({d.std(ddof=1):.1f}) [{d.min():+.1f}, {d.max():+.1f}] |" in md
+    assert "`delta_draws`" in md and "| mean |" not in md and "left out" in md
+    same = [_run(tmp_path / f"s{k}", {"draw_seed": k}, {"results.csv": rows(k)}) for k in range(2)]
+    merge_runs(same, tmp_path / "m2")
+    assert "| mean | cast_mean_diff | 40.0 (0.0) [40.0, 40.0] |" in (tmp_path / "m2" / "spread.md").read_text()

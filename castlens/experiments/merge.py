@@ -11,9 +11,13 @@ bookkeeping of its own::
 plus ``runs.md``: one line per run with those keys, and for a table of accuracies by target and method
 (``results.csv`` of transfer runs, say, merged over seeds of the source-sample draw) ``spread.md``: per target and
 method present in every run, the mean, standard deviation and range over the runs of the accuracy and of its
-paired differences to zero-shot and to the random control. Nothing is recomputed and no number changes: a merged row is
-a row of one run's table. Runs of different kinds (a transfer and a compose run) have different tables and are
-refused, as is a folder that is not a finished run. Knows no model.
+paired differences to zero-shot and to the random control (draw 0), and, where the runs tuned several random draws
+(methods ``random_vector``, ``random_vector_1``, ...), of its difference to the draws' mean accuracy on the same
+items, ``acc - mean_k acc(random_k)`` (the paired difference's point estimate: every draw scores the same items).
+The ``mean`` rows enter only when every run averages over the same targets; a mean over other targets is another
+quantity. Nothing else is computed and no number changes: a merged row is a row of one run's table. Runs of
+different kinds (a transfer and a compose run) have different tables and are refused, as is a folder that is
+not a finished run. Knows no model.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ def _read(run: Path) -> tuple[dict[str, Any], dict[str, list[list[str]]]]:
 
 
 SPREAD_COLUMNS = ("accuracy", "delta_zero", "delta_random")
+RANDOM_DRAW = "random_vector"       # the methods random_vector, random_vector_1, ...: the tuned random draws
+DRAWS_COLUMN = "delta_draws"
 
 
 def _spread(name: str, tables: Sequence[list[list[str]]]) -> list[str]:
@@ -72,16 +78,30 @@ def _spread(name: str, tables: Sequence[list[list[str]]]) -> list[str]:
         return []
     at = {c: header.index(c) for c in ("target", "method", *cols)}
     keyed = [{(r[at["target"]], r[at["method"]]): r for r in t[1:]} for t in tables]
-    lines = ["", f"## {name}", "", "| target | method | " + " | ".join(f"{c} mean (sd) [min, max]" for c in cols)
-             + " |", "|---|---|" + "---|" * len(cols)]
-    for key in (k for k in keyed[0] if all(k in t for t in keyed)):
+    values = [{k: {c: float(r[at[c]]) * 100 for c in cols if r[at[c]] != ""} for k, r in t.items()} for t in keyed]
+    if "accuracy" in cols and any(m.startswith(RANDOM_DRAW) for _, m in keyed[0]):
+        cols = [*cols, DRAWS_COLUMN]
+        for t in values:
+            for (target, _), v in t.items():
+                draws = [w["accuracy"] for (g, m), w in t.items() if g == target and m.startswith(RANDOM_DRAW)]
+                if draws and "accuracy" in v:
+                    v[DRAWS_COLUMN] = v["accuracy"] - float(np.mean(draws))
+    same_targets = len({frozenset(g for g, _ in t if g != "mean") for t in keyed}) == 1
+    lines = ["", f"## {name}", "", *([f"`{DRAWS_COLUMN}`: accuracy minus the mean accuracy of the run's random "
+                                       "draws on the same target, in points.", ""] if DRAWS_COLUMN in cols else []),
+             "| target | method | " + " | ".join(f"{c} mean (sd) [min, max]" for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for key in (k for k in keyed[0] if all(k in t for t in keyed) and (same_targets or k[0] != "mean")):
         cells = []
         for c in cols:
-            v = np.array([float(t[key][at[c]]) for t in keyed if t[key][at[c]] != ""]) * 100
+            x = np.array([t[key][c] for t in values if c in t[key]])
             f = "+.1f" if c.startswith("delta") else ".1f"
-            cells.append("" if len(v) < len(keyed) else f"{v.mean():{f}} ({v.std(ddof=1) if len(v) > 1 else 0:.1f}) "
-                         f"[{v.min():{f}}, {v.max():{f}}]")
+            cells.append("" if len(x) < len(keyed) else f"{x.mean():{f}} ({x.std(ddof=1) if len(x) > 1 else 0:.1f}) "
+                         f"[{x.min():{f}}, {x.max():{f}}]")
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    if not same_targets:
+        lines += ["", "The runs cover different targets, so their `mean` rows (averages over other targets) are "
+                  "left out."]
     return lines
 
 
