@@ -79,7 +79,8 @@ bench-peers: $(STAMP)
 
 # Rewrite every committed table from its committed parts (no model): `git diff --stat figures` stays empty.
 report: $(STAMP)
-	for d in transfer_cross_domain transfer_cross_lingual transfer_protocol selection_study selection_study_minilm \
+	for d in transfer_cross_domain transfer_cross_lingual transfer_protocol transfer_cross_lingual_protocol \
+		selection_study selection_study_minilm \
 		steer2adapt gemma-3-270m/transfer_protocol gemma-3-270m/transfer_cross_lingual_protocol \
 		gemma-3-270m/steer2adapt gemma-3-270m/selection_study transfer_protocol_draws/seed1 transfer_protocol_draws/seed2 \
 		gemma-3-270m/transfer_protocol_draws/seed1 gemma-3-270m/transfer_protocol_draws/seed2; do \
