@@ -47,8 +47,8 @@ def _without_timings(obj):
 def _same_run(a: Path, b: Path) -> None:
     assert (a / "results.csv").read_text() == (b / "results.csv").read_text()
     assert (a / "config.json").read_text() == (b / "config.json").read_text()
-    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*.json"))
-    assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*.json"))
+    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*.json") if "pieces" not in p.parts)
+    assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*.json") if "pieces" not in p.parts)
     for name in names:
         assert _without_timings(json.loads((a / name).read_text())) == \
             _without_timings(json.loads((b / name).read_text())), name
@@ -112,7 +112,14 @@ def test_transfer_on_two_processes_equals_one(tmp_path, data_dir, single):
     r = _launch([*TRANSFER, "--data-dir", str(data_dir), "--out", str(out)])
     assert r.returncode == 0, r.stdout + r.stderr
     _same_run(single, out)
-    quiz = json.loads((out / "parts" / "quiz.part.json").read_text())  # it waited for the others' sweeps
+    pieces = sorted(p.name for p in (out / "parts" / "pieces").glob("*.part.json"))  # each target split over ranks
+    assert [p for p in pieces if "baselines" in p] == [f"{t}.baselines.part.json" for t in ("last_item", "plural",
+                                                                                          "quiz")]
+    for t in ("last_item", "plural"):  # 4 pieces (2 per rank) that hold every construction once
+        mine = [p[len(t) + 7:-10].split("+") for p in pieces if p.startswith(f"{t}.sweep.")]
+        assert len(mine) == 4 and sorted(sum(mine, [])) == sorted(
+            ["cast_mean_diff", "icv_pc1", "task_vector", "random_vector", "random_vector_1"])
+    quiz = json.loads((out / "parts" / "quiz.part.json").read_text())  # it borrowed from the others' sweeps
     assert quiz["sweep"] == [] and '"borrowed_from": [\n' in (out / "parts" / "quiz.part.json").read_text()
 
 
@@ -120,7 +127,7 @@ def test_a_killed_rank_then_the_same_launch_gives_the_same_files(tmp_path, data_
     out = tmp_path / "killed"
     r = _launch([*TRANSFER, "--data-dir", str(data_dir), "--out", str(out)], fault="kill")
     assert r.returncode != 0 and not (out / "results.csv").exists()
-    kept = sorted(p.name for p in (out / "parts").glob("*.part.json"))
+    kept = sorted(p.name for p in (out / "parts").rglob("*.part.json"))
     assert kept  # rank 1's first part was written before it was killed
     r = _launch([*TRANSFER, "--data-dir", str(data_dir), "--out", str(out)])
     assert r.returncode == 0, r.stdout + r.stderr

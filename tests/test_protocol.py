@@ -144,6 +144,29 @@ def test_borrowing_from_staged_sweeps_uses_the_settings_every_donor_scored():
     assert got.borrowed_from == ("a", "b")
 
 
+@pytest.mark.parametrize("staged", [False, True])
+def test_sweeps_of_disjoint_constructions_joined_equal_the_whole_sweep(tiny, experiment, staged):
+    """Split over processes, each construction's sweep is scored alone: joined, the points (numbers and order) and
+    the choices are those of one sweep of every construction, and the test scores too."""
+    from castlens.experiments.protocol import dev_sweep, join_sweeps
+
+    vector, target, _ = experiment
+    g = torch.Generator().manual_seed(5)
+    vectors = {"planted": vector, "other": torch.randn(vector.shape, generator=g),
+               "third": torch.randn(vector.shape, generator=g)}
+    cands = grid(vectors, (0, 1, 2), STRENGTHS)
+    whole = tune_and_test(tiny, target, cands, log=lambda *a: None, staged=staged)
+    parts = [dev_sweep(tiny, target, {c: cands[c] for c in names}, staged=staged)
+             for names in (["third"], ["planted", "other"])]
+    joined = join_sweeps(cands, parts, staged)
+    assert joined == whole.sweep  # exactly: a construction's points do not depend on the others scored beside it
+    again = tune_and_test(tiny, target, cands, log=lambda *a: None, staged=staged, sweep=joined)
+    assert again.chosen == whole.chosen and again.sweep == whole.sweep
+    assert {k: m.pred for k, m in again.methods.items()} == {k: m.pred for k, m in whole.methods.items()}
+    with pytest.raises(ValueError, match="do not cover"):
+        join_sweeps(cands, parts[1:], staged)
+
+
 @pytest.mark.parametrize("n_layers", range(3, 65))
 def test_default_layers_cover_the_depth_evenly_with_at_most_nine(n_layers):
     layers = default_layers(n_layers)

@@ -19,6 +19,7 @@ methods it compares and writes tables from :func:`~castlens.experiments.results.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["ProtocolConfig", "Candidate", "Items", "Prepared", "prepare", "tune_and_test", "prompted", "grid",
            "default_layers", "split_dev", "options_for", "encode", "borrowed_settings", "check_config",
            "by_accuracy", "Pick", "test_items", "input_digests", "check_layers", "open_run",
-           "calibrated_zero_shot", "CONTENT_FREE", "first_pass"]
+           "calibrated_zero_shot", "CONTENT_FREE", "first_pass", "dev_sweep", "join_sweeps"]
 
 
 @dataclass(frozen=True)
@@ -271,24 +272,23 @@ def by_accuracy(scores: Tensor, items: Items) -> list[tuple[float, ...]]:
     return [(round(float(a), 9), float(lp)) for a, lp in zip(acc, gold_lp)]
 
 
-def borrowed_settings(target: str, donors: Sequence[TargetResult], constructions: Sequence[str]
-                      ) -> dict[str, SweepPoint]:
+def borrowed_settings(target: str, donors: Sequence[TargetResult] | Mapping[str, Sequence[SweepPoint]],
+                      constructions: Sequence[str]) -> dict[str, SweepPoint]:
     """For a target without dev items: per construction, the setting with the best mean dev accuracy over the
-    finished ``donors`` that have a sweep (ties: the earlier setting), among the settings every donor scored (a
-    staged sweep scores different points per target)."""
-    donors = [p for p in donors if p.sweep]
-    if not donors:
+    ``donors`` (finished targets, or target name -> dev sweep) that have a sweep (ties: the earlier setting),
+    among the settings every donor scored (a staged sweep scores different points per target)."""
+    pairs = list(donors.items()) if isinstance(donors, Mapping) else [(p.target, p.sweep) for p in donors]
+    names, runs = [n for n, s in pairs if s], [list(s) for _, s in pairs if s]
+    if not runs:
         raise TaskError(f"target {target!r} has no train split to tune on, and no other target of this run has a "
                         "dev sweep to borrow a setting from")
     chosen = {}
     for c in constructions:
-        scored = [{p.setting for p in d.sweep} for d in donors[1:]]
-        keys = [p.setting for p in donors[0].sweep if p.setting.construction == c and all(p.setting in x
-                                                                                          for x in scored)]
-        acc = {k: float(np.mean([next(x.dev_accuracy for x in p.sweep if x.setting == k) for p in donors]))
-               for k in keys}
+        scored = [{p.setting for p in sw} for sw in runs[1:]]
+        keys = [p.setting for p in runs[0] if p.setting.construction == c and all(p.setting in x for x in scored)]
+        acc = {k: float(np.mean([next(x.dev_accuracy for x in sw if x.setting == k) for sw in runs])) for k in keys}
         k = max(keys, key=lambda k: (round(acc[k], 9), -keys.index(k)))
-        chosen[c] = SweepPoint(k, acc[k], borrowed_from=tuple(p.target for p in donors))
+        chosen[c] = SweepPoint(k, acc[k], borrowed_from=tuple(names))
     return chosen
 
 
@@ -314,33 +314,77 @@ def _dev_points(model: TransformerBridge, target: Prepared, cands: Sequence[Cand
     return [(SweepPoint(s, float(acc[i]), acc_lp[i][1]), keys[i]) for i, s in enumerate(settings)]
 
 
+def _accuracy_key(p: SweepPoint) -> tuple[float, ...]:
+    """:func:`by_accuracy`'s choice key of a recorded sweep point (it records both parts of it exactly)."""
+    return (round(p.dev_accuracy, 9), p.dev_gold_logprob if p.dev_gold_logprob is not None else -math.inf)
+
+
+def _scored(model: TransformerBridge, target: Prepared, candidates: Mapping[str, Sequence[Candidate]], pick: Pick,
+            batch_size: int, staged: bool) -> list[tuple[SweepPoint, tuple[float, ...]]]:
+    """Unsteered and every candidate the sweep scores on dev, with its choice key (see :func:`tune_and_test`)."""
+    flat = [c for cs in candidates.values() for c in cs]
+    first = [c for cs in candidates.values() for c in first_pass(cs)] if staged else flat
+    points = _dev_points(model, target, first, pick, batch_size)
+    if staged:
+        key = {p.setting: k for p, k in points}
+        best = set()
+        for cs in candidates.values():
+            ranked = sorted(first_pass(cs), key=lambda c: key[c.setting], reverse=True)
+            best |= {(c.setting.construction, c.setting.layer, c.setting.vector) for c in ranked[:2]}
+        done = {c.setting for c in first}
+        second = [c for c in flat if c.setting not in done
+                  and (c.setting.construction, c.setting.layer, c.setting.vector) in best]
+        points += _dev_points(model, target, second, pick, batch_size)[1:] if second else []
+    return points
+
+
+def dev_sweep(model: TransformerBridge, target: Prepared, candidates: Mapping[str, Sequence[Candidate]],
+              batch_size: int = 16, staged: bool = False) -> list[SweepPoint]:
+    """The dev sweep of :func:`tune_and_test` alone (unsteered first), with its default choice rule. Each
+    construction's points depend on that construction alone, so sweeps of disjoint parts of ``candidates`` (on
+    other processes, say) joined by :func:`join_sweeps` equal the sweep of the whole: same numbers, same order."""
+    if target.dev is None:
+        raise TaskError(f"target {target.task.name!r} has no dev items to sweep on")
+    return [p for p, _ in _scored(model, target, candidates, by_accuracy, batch_size, staged)]
+
+
+def join_sweeps(candidates: Mapping[str, Sequence[Candidate]], sweeps: Sequence[Sequence[SweepPoint]],
+                staged: bool = False) -> list[SweepPoint]:
+    """Sweeps of disjoint parts of ``candidates`` (:func:`dev_sweep`) as the one sweep of all of them, in the order
+    :func:`tune_and_test` records it: unsteered, the (first-pass) points in grid order, then the second pass."""
+    if not sweeps:
+        raise ValueError("no sweeps to join")
+    at = {p.setting: p for sw in sweeps for p in sw[1:]}
+    flat = [c.setting for cs in candidates.values() for c in cs]
+    first = [c.setting for cs in candidates.values() for c in first_pass(cs)] if staged else flat
+    missing = [s for s in first if s not in at]
+    if missing or set(at) - set(flat):
+        raise ValueError(f"the sweeps do not cover the candidates: {len(missing)} first-pass settings missing, "
+                         f"{len(set(at) - set(flat))} settings outside the grid")
+    seen = set(first)
+    return [sweeps[0][0], *(at[s] for s in first), *(at[s] for s in flat if s in at and s not in seen)]
+
+
 def tune_and_test(model: TransformerBridge, target: Prepared, candidates: Mapping[str, Sequence[Candidate]],
-                  pick: Pick = by_accuracy, donors: Sequence[TargetResult] = (), batch_size: int = 16,
-                  keep_scores: bool = False, log: Callable[[str], None] = print, staged: bool = False
-                  ) -> TargetResult:
-    """Choose each construction's setting on ``target.dev`` (or borrow it from ``donors``) and score zero-shot and
-    every chosen setting on the test items (see the module docstring). The sweep is recorded.
+                  pick: Pick = by_accuracy, donors: Sequence[TargetResult] | Mapping[str, Sequence[SweepPoint]] = (),
+                  batch_size: int = 16, keep_scores: bool = False, log: Callable[[str], None] = print,
+                  staged: bool = False, sweep: Sequence[SweepPoint] | None = None) -> TargetResult:
+    """Choose each construction's setting on ``target.dev`` (or borrow it from ``donors``: finished targets, or
+    target name -> sweep) and score zero-shot and every chosen setting on the test items (see the module
+    docstring). The sweep is recorded.
 
     ``staged``: instead of the whole grid, a first pass at the middle strength (:func:`first_pass`), then every
     strength at the construction's two best (layer, vector) points of that pass; the choice is the best of all
     points scored. The same rule for every construction, random controls included, at a fraction of the cost
-    (9 layers x 4 strengths: 16 of 36 points)."""
+    (9 layers x 4 strengths: 16 of 36 points). ``sweep``: the dev sweep already scored (:func:`join_sweeps` of
+    :func:`dev_sweep` parts), chosen from by the default rule."""
     flat = [c for cs in candidates.values() for c in cs]
-    sweep: list[SweepPoint] = []
+    if sweep is not None and pick is not by_accuracy:
+        raise ValueError("a precomputed sweep is chosen from by dev accuracy (pick=by_accuracy) only")
     if target.dev is not None:
         t0 = time.perf_counter()
-        first = [c for cs in candidates.values() for c in first_pass(cs)] if staged else flat
-        points = _dev_points(model, target, first, pick, batch_size)
-        if staged:
-            key = {p.setting: k for p, k in points}
-            best = set()
-            for cs in candidates.values():
-                ranked = sorted(first_pass(cs), key=lambda c: key[c.setting], reverse=True)
-                best |= {(c.setting.construction, c.setting.layer, c.setting.vector) for c in ranked[:2]}
-            done = {c.setting for c in first}
-            second = [c for c in flat if c.setting not in done
-                      and (c.setting.construction, c.setting.layer, c.setting.vector) in best]
-            points += _dev_points(model, target, second, pick, batch_size)[1:] if second else []
+        points = _scored(model, target, candidates, pick, batch_size, staged) if sweep is None else \
+            [(p, _accuracy_key(p)) for p in sweep]
         sweep = [p for p, _ in points]
         key = {p.setting: k for p, k in points}
         chosen = {}
@@ -351,6 +395,7 @@ def tune_and_test(model: TransformerBridge, target: Prepared, candidates: Mappin
         log(f"  dev sweep: {len(target.dev.queries)} items x {len(sweep) - 1} settings in "
             f"{time.perf_counter() - t0:.0f}s")
     else:
+        sweep = []
         chosen = borrowed_settings(target.task.name, donors, list(candidates))
         log(f"  no train split: settings borrowed from the dev sweeps of "
             f"{', '.join(next(iter(chosen.values())).borrowed_from or ())}")

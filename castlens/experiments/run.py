@@ -108,7 +108,7 @@ class Run:
         return [u for u in units if not self.part_path(u).exists()]
 
     def parts(self, units: Sequence[str], compute: Callable[[str, list[T]], T], load: Callable[[dict], T],
-              dump: Callable[[T], dict], sizes: Mapping[str, int] | None = None,
+              dump: Callable[[T], dict], sizes: Mapping[str, float] | None = None,
               after: Collection[str] = ()) -> dict[str, T]:
         """Each unit's finished part if there is one (read with ``load``, never rewritten), else ``compute(unit,
         earlier)``, written atomically (``dump``) as soon as it is done; returns every unit's part, in order.
@@ -116,7 +116,8 @@ class Run:
         ``after``: units that read the others' results (a target without a train split borrows their settings):
         they start once every other unit is finished and get those parts, in ``units`` order, as ``earlier``;
         every other unit gets ``[]``. In a multi-process launch each rank computes its share of the unfinished
-        units (balanced by ``sizes``) and, after a barrier, reads the rest from the other ranks' parts."""
+        units (balanced by ``sizes``: test items, logged as such when whole numbers, or any cost estimate) and,
+        after a barrier, reads the rest from the other ranks' parts."""
         first = [u for u in units if u not in after]
         done = self._wave(first, lambda u: compute(u, []), load, dump, sizes, units)
         earlier = [done[u] for u in first]
@@ -125,7 +126,7 @@ class Run:
         return {u: done[u] for u in units}
 
     def _wave(self, units: Sequence[str], compute: Callable[[str], T], load: Callable[[dict], T],
-              dump: Callable[[T], dict], sizes: Mapping[str, int] | None, everything: Sequence[str]) -> dict[str, T]:
+              dump: Callable[[T], dict], sizes: Mapping[str, float] | None, everything: Sequence[str]) -> dict[str, T]:
         todo = self.unfinished(units)
         self.world.barrier()  # every rank has listed the unfinished units before any rank writes one
         mine = self.world.mine(todo, sizes)
@@ -137,7 +138,8 @@ class Run:
                 self.log(f"[{i}/{len(everything)}] {unit}: finished earlier, kept")
             elif unit in mine:
                 t0 = time.perf_counter()
-                self.log(f"[{i}/{len(everything)}] {unit}" + (f": {sizes[unit]} test items" if sizes else ""))
+                n = (sizes or {}).get(unit)
+                self.log(f"[{i}/{len(everything)}] {unit}" + (f": {n} test items" if isinstance(n, int) else ""))
                 done[unit] = compute(unit)
                 write_json(self.part_path(unit), dump(done[unit]))
                 self.log(f"  done in {time.perf_counter() - t0:.0f}s")

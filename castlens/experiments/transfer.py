@@ -21,7 +21,9 @@ once for all targets; ``cast``, ``relevance`` and ``diversity`` choose them per 
 per source by the graph search. Every construction's layer x strength is chosen on the target's dev split and
 run once on test (:func:`~castlens.experiments.protocol.tune_and_test`). Reported: accuracy with 95% bootstrap
 intervals, macro-F1, paired differences to zero-shot and to cross-task ICL, prompt tokens and wall time per
-query. The run folder (:class:`~castlens.experiments.run.Run`) keeps one part per target; a rerun resumes.
+query. The run folder (:class:`~castlens.experiments.run.Run`) keeps one part per target; a rerun resumes. Under
+torchrun with shared source vectors, each target's dev sweep and baselines are split over the ranks first
+(:func:`in_pieces`), so the slowest target no longer sets the wall time.
 """
 
 from __future__ import annotations
@@ -31,15 +33,17 @@ import math
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 from torch import Tensor
 
-from castlens.experiments.protocol import (Candidate, ProtocolConfig, calibrated_zero_shot, check_config,
-                                           default_layers, grid, in_task_icl, open_run, prepare, prompted, split_dev,
-                                           tune_and_test)
-from castlens.experiments.results import Row, Setting, TargetResult, fmt_interval, paired_delta, summarize, to_csv
+from castlens.distributed import share
+from castlens.experiments.protocol import (Candidate, Prepared, ProtocolConfig, calibrated_zero_shot, check_config,
+                                           default_layers, dev_sweep, first_pass, grid, in_task_icl, join_sweeps,
+                                           open_run, prepare, prompted, split_dev, tune_and_test)
+from castlens.experiments.results import (MethodResult, Row, Setting, SweepPoint, TargetResult, fmt_interval,
+                                          paired_delta, summarize, to_csv)
 from castlens.experiments.run import Run
 from castlens.experiments.sources import (CONSTRUCTIONS, EMBEDDERS, MODES, SourceRecord, embedded_pool,
                                           random_samples, source_function_vectors, source_vectors,
@@ -52,8 +56,8 @@ from castlens.vectors import SteeringVector, load_vectors, prefix_ids, random_li
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["TransferConfig", "run_transfer", "report", "sweep_figure", "METHODS", "REFS", "MODES", "CONSTRUCTIONS",
-           "COLUMNS"]
+__all__ = ["TransferConfig", "run_transfer", "in_pieces", "report", "sweep_figure", "METHODS", "REFS", "MODES",
+           "CONSTRUCTIONS", "COLUMNS"]
 
 METHODS = ("zero_shot", "calibrated_zero_shot", "icl_in_task", "icl_cross_task", *CONSTRUCTIONS, "function_vector")
 REFS = {"zero": "zero_shot", "cross_icl": "icl_cross_task", "random": "random_vector"}
@@ -174,12 +178,7 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
                                              cfg.embedder, run.out / "candidates.safetensors", batch_size, run.log))
     layers = list(cfg.layers or ())  # written out at the top
 
-    def compute(name: str, done: list[TargetResult]) -> TargetResult:
-        t = targets[name]
-        vectors, record = shared or _vectors(
-            model, cfg, list(sources.values()), run, f"vectors/{name}.safetensors", f"vectors/{name}.sources.json",
-            _selected(model, cfg, list(sources.values()), t, run, batch_size))
-        target = prepare(model, t, cfg)
+    def candidates(name: str, vectors: dict[str, SteeringVector], record: SourceRecord) -> dict[str, list[Candidate]]:
         directions = {c: vectors[c].directions for c in CONSTRUCTIONS}
         mean = vectors["cast_mean_diff"].directions
         directions.update({r: random_like(mean, cfg.seed + 1000 * k) for k, r in enumerate(random_draws(cfg), 1)})
@@ -190,23 +189,103 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
             full = {k: v.float()[None].expand(model.cfg.n_layers, -1).clone() for k, v in fvs.items()}
             cands["function_vector"] = [Candidate(Setting("function_vector", layer, s, f"top{k}"), full[k])
                                         for k in cfg.fv_heads for layer in layers for s in cfg.strengths]
-        part = tune_and_test(model, target, cands, donors=done, batch_size=batch_size, log=log,
-                             staged=cfg.staged_sweep)
-        part = part.with_methods({**calibrated_zero_shot(model, target, batch_size),
-                                  **in_task_icl(model, target, batch_size),
-                                  **cross_task_icl(model, cfg, target, record, sources, batch_size)})
+        return cands
+
+    def baselines(target: Prepared, record: SourceRecord) -> dict[str, MethodResult]:
+        return {**calibrated_zero_shot(model, target, batch_size), **in_task_icl(model, target, batch_size),
+                **cross_task_icl(model, cfg, target, record, sources, batch_size)}
+
+    def finish(part: TargetResult, extra: dict[str, MethodResult]) -> TargetResult:
+        part = part.with_methods(extra)
         log(f"  zero-shot {100 * part.methods['zero_shot'].accuracy:.1f}%, "
             f"CAST {100 * part.methods['cast_mean_diff'].accuracy:.1f}%")
         return part
 
-    parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict,
-                      {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order},
-                      after=[t for t in order if not targets[t].train])
+    def compute(name: str, done: list[TargetResult]) -> TargetResult:
+        t = targets[name]
+        vectors, record = shared or _vectors(
+            model, cfg, list(sources.values()), run, f"vectors/{name}.safetensors", f"vectors/{name}.sources.json",
+            _selected(model, cfg, list(sources.values()), t, run, batch_size))
+        target = prepare(model, t, cfg)
+        part = tune_and_test(model, target, candidates(name, vectors, record), donors=done, batch_size=batch_size,
+                             log=log, staged=cfg.staged_sweep)
+        return finish(part, baselines(target, record))
+
+    sizes = {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order}
+    if shared is not None and run.world.size > 1:  # every rank on every target: its sweep and baselines in pieces
+        if cfg.function_vector:  # once, before the ranks need it
+            run.world.once(lambda: _function_vectors(model, cfg, sources, shared[1], run,
+                                                     "function_vectors.safetensors", batch_size))
+        prepared = {t: prepare(model, targets[t], cfg) for t in run.unfinished(order)}
+        parts = in_pieces(model, run, order, prepared, {t: candidates(t, *shared) for t in prepared},
+                          lambda t: baselines(prepared[t], shared[1]), finish, cfg.staged_sweep, batch_size, log)
+    else:
+        parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict, sizes,
+                          after=[t for t in order if not targets[t].train])
     if not run.world.main:  # one rank writes the tables
         return []
     files = [run.out / "sources.json"] if shared else sorted((run.out / "vectors").glob("*.sources.json"))
     records = [SourceRecord.from_dict(json.loads(p.read_text())) for p in files]
     return report(run, cfg, [parts[t] for t in targets], records)
+
+
+def in_pieces(model: TransformerBridge, run: Run, order: Sequence[str], prepared: Mapping[str, Prepared],
+              candidates: Mapping[str, Mapping[str, Sequence[Candidate]]],
+              baselines: Callable[[str], Mapping[str, MethodResult]],
+              finish: Callable[[TargetResult, dict[str, MethodResult]], TargetResult], staged: bool = False,
+              batch_size: int = 16, log: Callable[[str], None] = print) -> dict[str, TargetResult]:
+    """The targets' parts of a multi-process run, with every target's work split over the ranks, so no rank waits
+    on another's largest target: first, pieces (``parts/pieces/``): each target's dev sweep in ``2 x ranks``
+    groups of constructions (:func:`~castlens.experiments.protocol.dev_sweep`; a construction's points depend on
+    it alone) and its ``baselines`` (methods with their own prompts, no setting to choose); then, per target, the
+    joined sweep chooses the settings (a target without dev items borrows from the others' sweeps) and the test
+    items are scored (:func:`tune_and_test`). The parts equal those of one process, timings aside. ``prepared``
+    and ``candidates``: the unfinished targets of ``order``."""
+    cost = {t: p.test.query_tokens / 8 + float(np.mean([sum(map(len, o)) for o in p.test.options]))
+            for t, p in prepared.items()}  # per item and setting: the option tokens, and a little of the body
+    work: dict[str, tuple[str, list[str] | None]] = {}  # unit -> (target, constructions; None: its baselines)
+    sizes: dict[str, float] = {}
+    for t, p in prepared.items():
+        if p.dev is not None:
+            scored = {c: _sweep_size(cs, staged) for c, cs in candidates[t].items()}
+            for g in (g for g in share(list(scored), 2 * run.world.size, scored) if g):
+                unit = f"pieces/{t}.sweep.{'+'.join(g)}"  # named by its constructions: a resume on more ranks
+                work[unit] = (t, g)                       # computes its own pieces, never misreads these
+                sizes[unit] = cost[t] * len(p.dev.queries) * (2 + sum(scored[c] for c in g))
+        work[f"pieces/{t}.baselines"] = (t, None)
+        sizes[f"pieces/{t}.baselines"] = cost[t] * len(p.test.queries) * 6
+
+    def piece(unit: str, _: list) -> dict:
+        t, g = work[unit]
+        if g is None:
+            return {"methods": {k: v.to_dict() for k, v in baselines(t).items()}}
+        sweep = dev_sweep(model, prepared[t], {c: candidates[t][c] for c in g}, batch_size, staged)
+        return {"sweep": [x.to_dict() for x in sweep]}
+    done = run.parts(list(work), piece, lambda d: d, lambda d: d, sizes)
+    sweeps: dict[str, list[SweepPoint]] = {}
+    for t in order:  # every target's sweep, for those that borrow (finished targets' from their parts)
+        if t in prepared and prepared[t].dev is not None:
+            sweeps[t] = join_sweeps(candidates[t], [[SweepPoint.from_dict(x) for x in done[u]["sweep"]]
+                                                    for u, (t2, g) in work.items() if t2 == t and g], staged)
+        elif t not in prepared:
+            sweeps[t] = TargetResult.from_dict(json.loads(run.part_path(t).read_text())).sweep
+
+    def target(t: str, _: list) -> TargetResult:
+        p = prepared[t]
+        part = tune_and_test(model, p, candidates[t], donors={d: s for d, s in sweeps.items() if d != t},
+                             batch_size=batch_size, log=log, staged=staged, sweep=sweeps.get(t) if p.dev else None)
+        extra = {k: MethodResult.from_dict(k, v) for k, v in done[f"pieces/{t}.baselines"]["methods"].items()}
+        return finish(part, extra)
+    return run.parts(order, target, TargetResult.from_dict, TargetResult.to_dict,
+                     {t: cost[t] * len(p.test.queries) * (1 + len(candidates[t])) for t, p in prepared.items()})
+
+
+def _sweep_size(cands: Sequence[Candidate], staged: bool) -> int:
+    """Settings a construction's sweep scores: its grid, or (staged) the first pass and all strengths at 2 points."""
+    if not staged:
+        return len(cands)
+    first = len(first_pass(cands))
+    return first + min(len(cands) - first, 2 * (len(cands) // max(first, 1) - 1))
 
 
 def random_draws(cfg: TransferConfig) -> list[str]:
