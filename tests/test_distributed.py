@@ -113,8 +113,8 @@ def test_transfer_on_two_processes_equals_one(tmp_path, data_dir, single):
     assert r.returncode == 0, r.stdout + r.stderr
     _same_run(single, out)
     pieces = sorted(p.name for p in (out / "parts" / "pieces").glob("*.part.json"))  # each target split over ranks
-    assert [p for p in pieces if "baselines" in p] == [f"{t}.baselines.part.json" for t in ("last_item", "plural",
-                                                                                          "quiz")]
+    assert [p for p in pieces if ".sweep." not in p] == [f"{t}.{b}.part.json" for t in ("last_item", "plural", "quiz")
+                                                         for b in ("calibration", "icl")]
     for t in ("last_item", "plural"):  # 4 pieces (2 per rank) that hold every construction once
         mine = [p[len(t) + 7:-10].split("+") for p in pieces if p.startswith(f"{t}.sweep.")]
         assert len(mine) == 4 and sorted(sum(mine, [])) == sorted(

@@ -191,8 +191,11 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
                                         for k in cfg.fv_heads for layer in layers for s in cfg.strengths]
         return cands
 
-    def baselines(target: Prepared, record: SourceRecord) -> dict[str, MethodResult]:
-        return {**calibrated_zero_shot(model, target, batch_size), **in_task_icl(model, target, batch_size),
+    def calibration(target: Prepared) -> dict[str, MethodResult]:
+        return calibrated_zero_shot(model, target, batch_size)
+
+    def icl(target: Prepared, record: SourceRecord) -> dict[str, MethodResult]:
+        return {**in_task_icl(model, target, batch_size),
                 **cross_task_icl(model, cfg, target, record, sources, batch_size)}
 
     def finish(part: TargetResult, extra: dict[str, MethodResult]) -> TargetResult:
@@ -209,7 +212,7 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
         target = prepare(model, t, cfg)
         part = tune_and_test(model, target, candidates(name, vectors, record), donors=done, batch_size=batch_size,
                              log=log, staged=cfg.staged_sweep)
-        return finish(part, baselines(target, record))
+        return finish(part, {**calibration(target), **icl(target, record)})
 
     sizes = {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order}
     if shared is not None and run.world.size > 1:  # every rank on every target: its sweep and baselines in pieces
@@ -218,7 +221,8 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
                                                      "function_vectors.safetensors", batch_size))
         prepared = {t: prepare(model, targets[t], cfg) for t in run.unfinished(order)}
         parts = in_pieces(model, run, order, prepared, {t: candidates(t, *shared) for t in prepared},
-                          lambda t: baselines(prepared[t], shared[1]), finish, cfg.staged_sweep, batch_size, log)
+                          {"calibration": lambda t: calibration(prepared[t]),
+                           "icl": lambda t: icl(prepared[t], shared[1])}, finish, cfg.staged_sweep, batch_size, log)
     else:
         parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict, sizes,
                           after=[t for t in order if not targets[t].train])
@@ -231,19 +235,20 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
 
 def in_pieces(model: TransformerBridge, run: Run, order: Sequence[str], prepared: Mapping[str, Prepared],
               candidates: Mapping[str, Mapping[str, Sequence[Candidate]]],
-              baselines: Callable[[str], Mapping[str, MethodResult]],
+              baselines: Mapping[str, Callable[[str], Mapping[str, MethodResult]]],
               finish: Callable[[TargetResult, dict[str, MethodResult]], TargetResult], staged: bool = False,
               batch_size: int = 16, log: Callable[[str], None] = print) -> dict[str, TargetResult]:
     """The targets' parts of a multi-process run, with every target's work split over the ranks, so no rank waits
     on another's largest target: first, pieces (``parts/pieces/``): each target's dev sweep in ``2 x ranks``
     groups of constructions (:func:`~castlens.experiments.protocol.dev_sweep`; a construction's points depend on
-    it alone) and its ``baselines`` (methods with their own prompts, no setting to choose); then, per target, the
+    it alone) and its ``baselines`` (name -> the methods with their own prompts, no setting to choose: each group
+    its own piece, their methods added in this order); then, per target, the
     joined sweep chooses the settings (a target without dev items borrows from the others' sweeps) and the test
     items are scored (:func:`tune_and_test`). The parts equal those of one process, timings aside. ``prepared``
     and ``candidates``: the unfinished targets of ``order``."""
     cost = {t: p.test.query_tokens / 8 + float(np.mean([sum(map(len, o)) for o in p.test.options]))
             for t, p in prepared.items()}  # per item and setting: the option tokens, and a little of the body
-    work: dict[str, tuple[str, list[str] | None]] = {}  # unit -> (target, constructions; None: its baselines)
+    work: dict[str, tuple[str, list[str] | str]] = {}  # unit -> (target, constructions, or a baselines' name)
     sizes: dict[str, float] = {}
     for t, p in prepared.items():
         if p.dev is not None:
@@ -252,13 +257,14 @@ def in_pieces(model: TransformerBridge, run: Run, order: Sequence[str], prepared
                 unit = f"pieces/{t}.sweep.{'+'.join(g)}"  # named by its constructions: a resume on more ranks
                 work[unit] = (t, g)                       # computes its own pieces, never misreads these
                 sizes[unit] = cost[t] * len(p.dev.queries) * (2 + sum(scored[c] for c in g))
-        work[f"pieces/{t}.baselines"] = (t, None)
-        sizes[f"pieces/{t}.baselines"] = cost[t] * len(p.test.queries) * 6
+        for name in baselines:
+            work[f"pieces/{t}.{name}"] = (t, name)
+            sizes[f"pieces/{t}.{name}"] = cost[t] * len(p.test.queries) * 3
 
     def piece(unit: str, _: list) -> dict:
         t, g = work[unit]
-        if g is None:
-            return {"methods": {k: v.to_dict() for k, v in baselines(t).items()}}
+        if isinstance(g, str):
+            return {"methods": {k: v.to_dict() for k, v in baselines[g](t).items()}}
         sweep = dev_sweep(model, prepared[t], {c: candidates[t][c] for c in g}, batch_size, staged)
         return {"sweep": [x.to_dict() for x in sweep]}
     done = run.parts(list(work), piece, lambda d: d, lambda d: d, sizes)
@@ -266,7 +272,8 @@ def in_pieces(model: TransformerBridge, run: Run, order: Sequence[str], prepared
     for t in order:  # every target's sweep, for those that borrow (finished targets' from their parts)
         if t in prepared and prepared[t].dev is not None:
             sweeps[t] = join_sweeps(candidates[t], [[SweepPoint.from_dict(x) for x in done[u]["sweep"]]
-                                                    for u, (t2, g) in work.items() if t2 == t and g], staged)
+                                                    for u, (t2, g) in work.items() if t2 == t and isinstance(g, list)],
+                                     staged)
         elif t not in prepared:
             sweeps[t] = TargetResult.from_dict(json.loads(run.part_path(t).read_text())).sweep
 
@@ -274,7 +281,8 @@ def in_pieces(model: TransformerBridge, run: Run, order: Sequence[str], prepared
         p = prepared[t]
         part = tune_and_test(model, p, candidates[t], donors={d: s for d, s in sweeps.items() if d != t},
                              batch_size=batch_size, log=log, staged=staged, sweep=sweeps.get(t) if p.dev else None)
-        extra = {k: MethodResult.from_dict(k, v) for k, v in done[f"pieces/{t}.baselines"]["methods"].items()}
+        extra = {k: MethodResult.from_dict(k, v) for name in baselines
+                 for k, v in done[f"pieces/{t}.{name}"]["methods"].items()}
         return finish(part, extra)
     return run.parts(order, target, TargetResult.from_dict, TargetResult.to_dict,
                      {t: cost[t] * len(p.test.queries) * (1 + len(candidates[t])) for t, p in prepared.items()})
