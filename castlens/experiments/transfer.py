@@ -39,7 +39,8 @@ import numpy as np
 from torch import Tensor
 
 from castlens.distributed import share
-from castlens.experiments.protocol import (Candidate, Prepared, ProtocolConfig, calibrated_zero_shot, check_config,
+from castlens.experiments.protocol import (CONTENT_FREE, Candidate, Prepared, ProtocolConfig, calibrated_zero_shot,
+                                           check_config,
                                            default_layers, dev_sweep, first_pass, grid, in_task_icl, join_sweeps,
                                            open_run, prepare, prompted, split_dev, tune_and_test)
 from castlens.experiments.results import (MethodResult, Row, Setting, SweepPoint, TargetResult, fmt_interval,
@@ -221,8 +222,10 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
                                                      "function_vectors.safetensors", batch_size))
         prepared = {t: prepare(model, targets[t], cfg) for t in run.unfinished(order)}
         parts = in_pieces(model, run, order, prepared, {t: candidates(t, *shared) for t in prepared},
-                          {"calibration": lambda t: calibration(prepared[t]),
-                           "icl": lambda t: icl(prepared[t], shared[1])}, finish, cfg.staged_sweep, batch_size, log)
+                          {"calibration": (lambda t: calibration(prepared[t]),  # per-item priors under option text
+                                           lambda t: 1.0 + len(CONTENT_FREE) * bool(prepared[t].fmt.choice_labels)),
+                           "icl": (lambda t: icl(prepared[t], shared[1]), lambda t: 2.0)},
+                          finish, cfg.staged_sweep, batch_size, log)
     else:
         parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict, sizes,
                           after=[t for t in order if not targets[t].train])
@@ -235,14 +238,15 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
 
 def in_pieces(model: TransformerBridge, run: Run, order: Sequence[str], prepared: Mapping[str, Prepared],
               candidates: Mapping[str, Mapping[str, Sequence[Candidate]]],
-              baselines: Mapping[str, Callable[[str], Mapping[str, MethodResult]]],
+              baselines: Mapping[str, tuple[Callable[[str], Mapping[str, MethodResult]], Callable[[str], float]]],
               finish: Callable[[TargetResult, dict[str, MethodResult]], TargetResult], staged: bool = False,
               batch_size: int = 16, log: Callable[[str], None] = print) -> dict[str, TargetResult]:
     """The targets' parts of a multi-process run, with every target's work split over the ranks, so no rank waits
     on another's largest target: first, pieces (``parts/pieces/``): each target's dev sweep in ``2 x ranks``
     groups of constructions (:func:`~castlens.experiments.protocol.dev_sweep`; a construction's points depend on
-    it alone) and its ``baselines`` (name -> the methods with their own prompts, no setting to choose: each group
-    its own piece, their methods added in this order); then, per target, the
+    it alone) and its ``baselines`` (name -> (the methods with their own prompts, no setting to choose; the passes
+    over the test items they cost, for the balance): each its own piece, their methods added in this order); then,
+    per target, the
     joined sweep chooses the settings (a target without dev items borrows from the others' sweeps) and the test
     items are scored (:func:`tune_and_test`). The parts equal those of one process, timings aside. ``prepared``
     and ``candidates``: the unfinished targets of ``order``."""
@@ -259,12 +263,12 @@ def in_pieces(model: TransformerBridge, run: Run, order: Sequence[str], prepared
                 sizes[unit] = cost[t] * len(p.dev.queries) * (2 + sum(scored[c] for c in g))
         for name in baselines:
             work[f"pieces/{t}.{name}"] = (t, name)
-            sizes[f"pieces/{t}.{name}"] = cost[t] * len(p.test.queries) * 3
+            sizes[f"pieces/{t}.{name}"] = cost[t] * len(p.test.queries) * baselines[name][1](t)
 
     def piece(unit: str, _: list) -> dict:
         t, g = work[unit]
         if isinstance(g, str):
-            return {"methods": {k: v.to_dict() for k, v in baselines[g](t).items()}}
+            return {"methods": {k: v.to_dict() for k, v in baselines[g][0](t).items()}}
         sweep = dev_sweep(model, prepared[t], {c: candidates[t][c] for c in g}, batch_size, staged)
         return {"sweep": [x.to_dict() for x in sweep]}
     done = run.parts(list(work), piece, lambda d: d, lambda d: d, sizes)
