@@ -63,7 +63,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -q -ra --durations=8 -n 2 tests
+	$(PY) -m pytest -q -ra --durations=8 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow" tests
