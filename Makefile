@@ -82,7 +82,8 @@ report: $(STAMP)
 	for d in transfer_cross_domain transfer_cross_lingual transfer_protocol transfer_cross_lingual_protocol \
 		selection_study selection_study_minilm \
 		steer2adapt gemma-3-270m/transfer_protocol gemma-3-270m/transfer_cross_lingual_protocol \
-		gemma-3-270m/steer2adapt gemma-3-270m/selection_study transfer_protocol_draws/seed1 transfer_protocol_draws/seed2 \
+		gemma-3-270m/steer2adapt gemma-3-270m/selection_study gemma-3-270m/selection_scaling \
+		transfer_protocol_draws/seed1 transfer_protocol_draws/seed2 \
 		gemma-3-270m/transfer_protocol_draws/seed1 gemma-3-270m/transfer_protocol_draws/seed2; do \
 		$(VENV)/bin/castlens report figures/$$d --no-png || exit 1; done
 	for m in "" gemma-3-270m/; do $(VENV)/bin/castlens merge figures/$${m}transfer_protocol \
