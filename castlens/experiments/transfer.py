@@ -40,9 +40,8 @@ from torch import Tensor
 
 from castlens.distributed import share
 from castlens.experiments.protocol import (CONTENT_FREE, Candidate, Prepared, ProtocolConfig, calibrated_zero_shot,
-                                           check_config,
-                                           default_layers, dev_sweep, first_pass, grid, in_task_icl, join_sweeps,
-                                           open_run, prepare, prompted, split_dev, tune_and_test)
+                                           check_config, default_layers, dev_sweep, first_pass, grid, in_task_icl,
+                                           join_sweeps, open_run, prepare, prompted, split_dev, tune_and_test)
 from castlens.experiments.results import (MethodResult, Row, Setting, SweepPoint, TargetResult, fmt_interval,
                                           paired_delta, summarize, to_csv)
 from castlens.experiments.run import Run
@@ -215,7 +214,6 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
                              log=log, staged=cfg.staged_sweep)
         return finish(part, {**calibration(target), **icl(target, record)})
 
-    sizes = {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order}
     if shared is not None and run.world.size > 1:  # every rank on every target: its sweep and baselines in pieces
         if cfg.function_vector:  # once, before the ranks need it
             run.world.once(lambda: _function_vectors(model, cfg, sources, shared[1], run,
@@ -227,6 +225,7 @@ def run_transfer(model: TransformerBridge, cfg: TransferConfig, out: str | Path,
                            "icl": (lambda t: icl(prepared[t], shared[1]), lambda t: 2.0)},
                           finish, cfg.staged_sweep, batch_size, log)
     else:
+        sizes = {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order}
         parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict, sizes,
                           after=[t for t in order if not targets[t].train])
     if not run.world.main:  # one rank writes the tables
@@ -246,10 +245,9 @@ def in_pieces(model: TransformerBridge, run: Run, order: Sequence[str], prepared
     groups of constructions (:func:`~castlens.experiments.protocol.dev_sweep`; a construction's points depend on
     it alone) and its ``baselines`` (name -> (the methods with their own prompts, no setting to choose; the passes
     over the test items they cost, for the balance): each its own piece, their methods added in this order); then,
-    per target, the
-    joined sweep chooses the settings (a target without dev items borrows from the others' sweeps) and the test
-    items are scored (:func:`tune_and_test`). The parts equal those of one process, timings aside. ``prepared``
-    and ``candidates``: the unfinished targets of ``order``."""
+    per target, the joined sweep chooses the settings (a target without dev items borrows from the others'
+    sweeps) and the test items are scored (:func:`tune_and_test`). The parts equal those of one process, timings
+    aside. ``prepared`` and ``candidates``: the unfinished targets of ``order``."""
     cost = {t: p.test.query_tokens / 8 + float(np.mean([sum(map(len, o)) for o in p.test.options]))
             for t, p in prepared.items()}  # per item and setting: the option tokens, and a little of the body
     work: dict[str, tuple[str, list[str] | str]] = {}  # unit -> (target, constructions, or a baselines' name)
