@@ -10,7 +10,7 @@ import torch
 from castlens.activations import last_token_resid
 from castlens.evaluation import option_logprobs
 from castlens.experiments import selection_study as ss
-from castlens.experiments.protocol import options_for
+from castlens.experiments.protocol import options_for, prepare
 from castlens.experiments.results import TargetResult
 from castlens.experiments.sources import source_demos
 from castlens.prompts import default_format
@@ -195,3 +195,16 @@ def test_ablation_only_runs_no_icl(tiny, tmp_path):
     # the table says what it ran on: the run's 8 test items (not "whole test splits") and its scoring mode
     assert f"{cfg.limit} seeded test items per target" in md and "whole test splits" not in md
     assert "scored by their option letters" in md
+
+
+def test_work_weights_sweep_and_test_passes_by_option_tokens(tiny):
+    """The estimate that balances targets over ranks, counted by hand: dev items x (unsteered + variants x layers x
+    strengths) plus test items x (zero-shot + variants), each weighted by the mean option tokens per item and an
+    eighth of its body; a target without a train split (MedMCQA) has no sweep."""
+    cfg = ss.StudyConfig(**{**CFG, "ns": ()})  # the 4 selection methods at ablation_n, 2 layers x 2 strengths
+    for name, swept in [("plural", True), ("medmcqa", False)]:
+        p = prepare(tiny, load_task(name), cfg)
+        per_item = np.mean([sum(len(o) for o in opts) for opts in p.test.options]) \
+            + np.mean([len(q) for q in p.test.queries]) / 8
+        passes = (cfg.dev * (1 + 4 * 2 * 2) if swept else 0) + cfg.limit * (1 + 4)
+        assert ss.work(tiny, cfg, load_task(name)) == pytest.approx(per_item * passes)

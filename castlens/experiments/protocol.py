@@ -168,6 +168,12 @@ class Items:
     def query_tokens(self) -> float:
         return float(np.mean([len(q) for q in self.queries]))
 
+    @property
+    def scoring_cost(self) -> float:
+        """A relative cost of scoring one item under one setting, for balancing work over ranks: its option tokens
+        (run once per setting) and an eighth of its body (shared by every setting through castlens' reuse)."""
+        return self.query_tokens / 8 + float(np.mean([sum(map(len, o)) for o in self.options]))
+
     def subset(self, idx: Sequence[int]) -> Items:
         return Items([self.examples[i] for i in idx], [self.queries[i] for i in idx],
                      [self.options[i] for i in idx], [self.gold[i] for i in idx],

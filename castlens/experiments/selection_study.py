@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = ["StudyConfig", "run_study", "report", "fit_demos", "variant_name", "figures", "DeltaRow", "paired_table",
-           "icl_view"]
+           "icl_view", "work"]
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,18 @@ def run_target(model: TransformerBridge, cfg: StudyConfig, task: Task, sources: 
                                        for m, r in ranking.items()})
 
 
+def work(model: TransformerBridge, cfg: StudyConfig, task: Task) -> float:
+    """A target's relative cost, to balance the targets over the ranks of a multi-process run: its dev sweep
+    (every variant x layer x strength, and the unsteered pass) and its test scoring (zero-shot and every variant),
+    each item and setting weighted by :attr:`~castlens.experiments.protocol.Items.scoring_cost` (its option tokens
+    dominate under option-text scoring: an ARC-Challenge item costs ten times a Financial PhraseBank one). The
+    scaling curve's cross-task ICL, about the same for every target, is left out."""
+    p = prepare(model, task, cfg)
+    variants, layers = len(cfg.variants()), len(cfg.layers or default_layers(model.cfg.n_layers))
+    sweep = len(p.dev.queries) * (1 + variants * layers * len(cfg.strengths)) if p.dev is not None else 0
+    return p.test.scoring_cost * (sweep + len(p.test.queries) * (1 + variants))
+
+
 def icl_view(part: TargetResult) -> TargetResult:
     """The part restricted to its ICL subset: every method and the ICL curve on the same items."""
     icl = {k: MethodResult.from_dict(k, v) for k, v in part.extra["icl"].items()}
@@ -198,7 +210,7 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: str | Path, data_
         return run_target(model, cfg, targets[name], sources, pool, emb, diffs, done, batch_size, log)
 
     parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict,
-                      {t: min(len(targets[t].test), cfg.limit or len(targets[t].test)) for t in order},
+                      {t: work(model, cfg, targets[t]) for t in run.unfinished(order)},
                       after=[t for t in order if not targets[t].train])
     if not run.world.main:  # one rank writes the tables
         return [], []

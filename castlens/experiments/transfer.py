@@ -248,8 +248,7 @@ def in_pieces(model: TransformerBridge, run: Run, order: Sequence[str], prepared
     per target, the joined sweep chooses the settings (a target without dev items borrows from the others'
     sweeps) and the test items are scored (:func:`tune_and_test`). The parts equal those of one process, timings
     aside. ``prepared`` and ``candidates``: the unfinished targets of ``order``."""
-    cost = {t: p.test.query_tokens / 8 + float(np.mean([sum(map(len, o)) for o in p.test.options]))
-            for t, p in prepared.items()}  # per item and setting: the option tokens, and a little of the body
+    cost = {t: p.test.scoring_cost for t, p in prepared.items()}
     work: dict[str, tuple[str, list[str] | str]] = {}  # unit -> (target, constructions, or a baselines' name)
     sizes: dict[str, float] = {}
     for t, p in prepared.items():
