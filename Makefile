@@ -119,8 +119,9 @@ transfer-figures: $(STAMP)
 # (each tuned by the same dev sweep), contextual calibration, multiple-choice targets scored by option text, and a
 # function vector as one more construction.
 # Five random draws and 300 test items per target, to bound the cost (option-text scoring makes every setting cost
-# every option's tokens; a run is still near 90 min on 2 cores, see figures/README); Financial PhraseBank goes first.
-# The targets are split over 2 processes of one thread each (torchrun; the files equal a one-thread single process).
+# every option's tokens; a clean launch takes 67 min on 2 cores, see figures/README); Financial PhraseBank goes first.
+# Each target's dev sweep and baselines are split over 2 processes of one thread each (torchrun, in pieces; the files
+# equal a one-thread single process).
 PROTOCOL_RUN := --n-random 5 --limit 300 --mc-scoring text --staged-sweep --sources $(CAST_SOURCES) \
 	--targets financial_phrasebank,sciq,arc_challenge,social_i_qa,medmcqa
 PROTOCOL := $(PROTOCOL_RUN) --function-vector
@@ -172,8 +173,8 @@ selection-figures: $(STAMP)
 		--embedder minilm --ns '' --out figures/selection_study_minilm
 
 # The selection ablation on Gemma 3 (issue #15): the same 4 methods at 32 samples, with its multiple-choice targets
-# scored by option text and 300 test items each (as in the protocol runs); the scaling curve is SmolLM2's alone (its
-# cross-task ICL prompts of up to 8k tokens cost most of that run, and Gemma's forward pass is twice SmolLM2's).
+# scored by option text and 300 test items each (as in the protocol runs); the scaling curve is
+# gemma-selection-scaling-figures, on one target.
 gemma-selection-figures: $(STAMP)
 	$(TORCHRUN2) selection-study --model gemma-3-270m --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) \
 		--batch-size 32 --mc-scoring text --limit 300 --ns '' --out figures/gemma-3-270m/selection_study
