@@ -197,7 +197,7 @@ def test_ablation_only_runs_no_icl(tiny, tmp_path):
     assert "scored by their option letters" in md
 
 
-def test_work_weights_sweep_and_test_passes_by_option_tokens(tiny):
+def test_target_cost_weights_sweep_and_test_passes_by_option_tokens(tiny):
     """The estimate that balances targets over ranks, counted by hand: dev items x (unsteered + variants x layers x
     strengths) plus test items x (zero-shot + variants), each weighted by the mean option tokens per item and an
     eighth of its body; a target without a train split (MedMCQA) has no sweep."""
@@ -207,4 +207,4 @@ def test_work_weights_sweep_and_test_passes_by_option_tokens(tiny):
         per_item = np.mean([sum(len(o) for o in opts) for opts in p.test.options]) \
             + np.mean([len(q) for q in p.test.queries]) / 8
         passes = (cfg.dev * (1 + 4 * 2 * 2) if swept else 0) + cfg.limit * (1 + 4)
-        assert ss.work(tiny, cfg, load_task(name)) == pytest.approx(per_item * passes)
+        assert ss.target_cost(tiny, cfg, load_task(name)) == pytest.approx(per_item * passes)

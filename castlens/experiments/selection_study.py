@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = ["StudyConfig", "run_study", "report", "fit_demos", "variant_name", "figures", "DeltaRow", "paired_table",
-           "icl_view", "work"]
+           "icl_view", "target_cost"]
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def run_target(model: TransformerBridge, cfg: StudyConfig, task: Task, sources: 
                                        for m, r in ranking.items()})
 
 
-def work(model: TransformerBridge, cfg: StudyConfig, task: Task) -> float:
+def target_cost(model: TransformerBridge, cfg: StudyConfig, task: Task) -> float:
     """A target's relative cost, to balance the targets over the ranks of a multi-process run: its dev sweep
     (every variant x layer x strength, and the unsteered pass) and its test scoring (zero-shot and every variant),
     each item and setting weighted by :attr:`~castlens.experiments.protocol.Items.scoring_cost` (its option tokens
@@ -210,7 +210,7 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: str | Path, data_
         return run_target(model, cfg, targets[name], sources, pool, emb, diffs, done, batch_size, log)
 
     parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict,
-                      {t: work(model, cfg, targets[t]) for t in run.unfinished(order)},
+                      {t: target_cost(model, cfg, targets[t]) for t in run.unfinished(order)},
                       after=[t for t in order if not targets[t].train])
     if not run.world.main:  # one rank writes the tables
         return [], []
