@@ -207,4 +207,4 @@ def test_target_cost_weights_sweep_and_test_passes_by_option_tokens(tiny):
         per_item = np.mean([sum(len(o) for o in opts) for opts in p.test.options]) \
             + np.mean([len(q) for q in p.test.queries]) / 8
         passes = (cfg.dev * (1 + 4 * 2 * 2) if swept else 0) + cfg.limit * (1 + 4)
-        assert ss.target_cost(tiny, cfg, load_task(name)) == pytest.approx(per_item * passes)
+        assert ss.target_cost(tiny, cfg, p) == pytest.approx(per_item * passes)

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from castlens.experiments.protocol import (ProtocolConfig, check_config, default_layers, grid, open_run, prepare,
-                                           prompted, tune_and_test)
+from castlens.experiments.protocol import (Prepared, ProtocolConfig, check_config, default_layers, grid, open_run,
+                                           prepare, prompted, tune_and_test)
 from castlens.experiments.results import (Interval, MethodResult, Row, TargetResult, fmt_interval, paired_delta,
                                           summarize, to_csv)
 from castlens.experiments.run import Run
@@ -135,12 +135,13 @@ def _icl_curve(model: TransformerBridge, cfg: StudyConfig, target, ranking: list
 
 def run_target(model: TransformerBridge, cfg: StudyConfig, task: Task, sources: dict[str, Task], pool: list[Sample],
                pool_emb: np.ndarray, diffs: dict[int, torch.Tensor], donors: Sequence[TargetResult] = (),
-               batch_size: int = 16, log: Callable[[str], None] = print) -> TargetResult:
+               batch_size: int = 16, log: Callable[[str], None] = print, target: Prepared | None = None
+               ) -> TargetResult:
     """Every variant, zero-shot and the ICL curve on one target. ``diffs`` caches per-candidate differences
-    across targets (filled here)."""
+    across targets (filled here); ``target``: ``task`` already prepared (:func:`prepare`), if the caller has it."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    target = prepare(model, task, cfg)
+    target = target or prepare(model, task, cfg)
     t_emb = target_embeddings(model, task, target.dev.examples if target.dev else [], cfg.embedder, batch_size)
     need: dict[str, int] = {}
     for m, n in [*cfg.variants(), *([("cast", max(cfg.ns))] if cfg.ns else [])]:  # cast: the ICL demonstrations
@@ -173,13 +174,12 @@ def run_target(model: TransformerBridge, cfg: StudyConfig, task: Task, sources: 
                                        for m, r in ranking.items()})
 
 
-def target_cost(model: TransformerBridge, cfg: StudyConfig, task: Task) -> float:
+def target_cost(model: TransformerBridge, cfg: StudyConfig, p: Prepared) -> float:
     """A target's relative cost, to balance the targets over the ranks of a multi-process run: its dev sweep
     (every variant x layer x strength, and the unsteered pass) and its test scoring (zero-shot and every variant),
     each item and setting weighted by :attr:`~castlens.experiments.protocol.Items.scoring_cost` (its option tokens
     dominate under option-text scoring: an ARC-Challenge item costs ten times a Financial PhraseBank one). The
     scaling curve's cross-task ICL, about the same for every target, is left out."""
-    p = prepare(model, task, cfg)
     variants, layers = len(cfg.variants()), len(cfg.layers or default_layers(model.cfg.n_layers))
     sweep = len(p.dev.queries) * (1 + variants * layers * len(cfg.strengths)) if p.dev is not None else 0
     return p.test.scoring_cost * (sweep + len(p.test.queries) * (1 + variants))
@@ -207,10 +207,12 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: str | Path, data_
         run.out / "candidates.safetensors", batch_size, log)) if run.unfinished(order) else ([], np.zeros(0))
 
     def compute(name: str, done: list[TargetResult]) -> TargetResult:
-        return run_target(model, cfg, targets[name], sources, pool, emb, diffs, done, batch_size, log)
+        return run_target(model, cfg, targets[name], sources, pool, emb, diffs, done, batch_size, log,
+                          prepared[name])
 
+    prepared = {t: prepare(model, targets[t], cfg) for t in run.unfinished(order)}  # once: the balance and the run
     parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict,
-                      {t: target_cost(model, cfg, targets[t]) for t in run.unfinished(order)},
+                      {t: target_cost(model, cfg, p) for t, p in prepared.items()},
                       after=[t for t in order if not targets[t].train])
     if not run.world.main:  # one rank writes the tables
         return [], []
