@@ -173,17 +173,19 @@ selection-figures: $(STAMP)
 		--embedder minilm --ns '' --out figures/selection_study_minilm
 
 # The selection ablation on Gemma 3 (issue #15): the same 4 methods at 32 samples, with its multiple-choice targets
-# scored by option text and 300 test items each (as in the protocol runs); the scaling curve is
+# scored by option text, 300 test items each and the dev sweep over the layers of Gemma's protocol runs (the default
+# grid of every second layer made this target's ARC-Challenge part alone take 79 minutes); the scaling curve is
 # gemma-selection-scaling-figures, on one target.
 gemma-selection-figures: $(STAMP)
 	$(TORCHRUN2) selection-study --model gemma-3-270m --sources $(CAST_SOURCES) --targets $(CAST_TARGETS) \
-		--batch-size 32 --mc-scoring text --limit 300 --ns '' --out figures/gemma-3-270m/selection_study
+		--batch-size 32 --mc-scoring text --limit 300 --ns '' --layers $(GEMMA_PROTOCOL_LAYERS) \
+		--out figures/gemma-3-270m/selection_study
 
 # The scaling curve on Gemma 3 (issue #15), on Financial PhraseBank alone: CAST vectors from 4 ... 128 cast-selected
 # and random samples, and cross-task ICL with the same cast-selected samples (as many as fit in Gemma's 32k
 # window), 200 test items. Financial PhraseBank is the target where SmolLM2's curve moved (its others stayed
 # within the noise); the 5-target curve would take Gemma hours on 2 cores (the ablation's 4 vectors on ARC-Challenge,
-# scored by option text, took 79 minutes; the curve has 12).
+# scored by option text, took 49 minutes on five layers; the curve has 12, on every second layer).
 gemma-selection-scaling-figures: $(STAMP)
 	$(VENV)/bin/castlens selection-study --model gemma-3-270m --sources $(CAST_SOURCES) --targets financial_phrasebank \
 		--batch-size 32 --mc-scoring text --limit 300 --methods cast,random --out figures/gemma-3-270m/selection_scaling
