@@ -63,7 +63,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -q -ra --durations=8 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra --durations=8 -n 2 --dist worksteal tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow" tests
