@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from castlens.cli import main
 from castlens.distributed import share
@@ -143,3 +144,39 @@ def test_a_failing_rank_fails_the_launch_with_its_error_and_no_half_file(tmp_pat
     assert not (out / "results.csv").exists() and not list(out.rglob(".*.tmp"))
     for f in out.rglob("*.json"):
         json.loads(f.read_text())  # whatever was written is whole
+
+
+EXPLAIN = ["explain", "--model", "tiny-llama", "--tasks", "last_item", "--sources", "uppercase,first_item,next_number",
+           "--targets", "plural,antonym", "--n", "4", "--shots", "2", "--dev", "8", "--limit", "12", "--layer", "2",
+           "--strengths", "1,4", "--fv-heads", "1,3", "--n-random", "2", "--n-boot", "200", "--no-png"]
+
+
+def test_explain_on_two_processes_equals_one(tmp_path):
+    """The mechanism run splits its task parts and its target parts over the ranks; the tables, the per-task
+    tensors and every part equal a single process's (one thread, as each rank)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*EXPLAIN, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = _launch([*EXPLAIN, "--out", str(tmp_path / "two")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[rank 1] [" in r.stdout  # rank 1 computed parts of its own
+    one, two = tmp_path / "one", tmp_path / "two"
+    for name in ("summary.md", "attribution.csv", "patching.csv", "split_steering.csv", "logit_lens.md", "config.json"):
+        assert (two / name).read_text() == (one / name).read_text(), name
+    names = sorted(p.relative_to(one).as_posix() for p in one.rglob("*.json"))
+    assert "parts/target_plural.part.json" in names and "patching/antonym.effects.json" in names
+    assert names == sorted(p.relative_to(two).as_posix() for p in two.rglob("*.json"))
+    for name in names:
+        assert _without_timings(json.loads((one / name).read_text())) == \
+            _without_timings(json.loads((two / name).read_text())), name
+    tensors = sorted(p.name for p in (one / "parts" / "tensors").glob("*.safetensors"))
+    assert len(tensors) == 6 and tensors == sorted(p.name for p in (two / "parts" / "tensors").glob("*.safetensors"))
+    for name in tensors:
+        a, b = load_file(one / "parts" / "tensors" / name), load_file(two / "parts" / "tensors" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    assert not list(two.rglob(".*.tmp"))
