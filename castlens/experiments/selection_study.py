@@ -141,7 +141,7 @@ def run_target(model: TransformerBridge, cfg: StudyConfig, task: Task, sources: 
     across targets (filled here); ``target``: ``task`` already prepared (:func:`prepare`), if the caller has it."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    target = target or prepare(model, task, cfg)
+    target = prepare(model, task, cfg) if target is None else target
     t_emb = target_embeddings(model, task, target.dev.examples if target.dev else [], cfg.embedder, batch_size)
     need: dict[str, int] = {}
     for m, n in [*cfg.variants(), *([("cast", max(cfg.ns))] if cfg.ns else [])]:  # cast: the ICL demonstrations
@@ -206,11 +206,12 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: str | Path, data_
         model, list(sources.values()), cfg.shots, cfg.seed, cfg.pool, cfg.embedder,
         run.out / "candidates.safetensors", batch_size, log)) if run.unfinished(order) else ([], np.zeros(0))
 
+    prepared = {t: prepare(model, targets[t], cfg) for t in run.unfinished(order)}  # once: the balance and the run
+
     def compute(name: str, done: list[TargetResult]) -> TargetResult:
         return run_target(model, cfg, targets[name], sources, pool, emb, diffs, done, batch_size, log,
                           prepared[name])
 
-    prepared = {t: prepare(model, targets[t], cfg) for t in run.unfinished(order)}  # once: the balance and the run
     parts = run.parts(order, compute, TargetResult.from_dict, TargetResult.to_dict,
                       {t: target_cost(model, cfg, p) for t, p in prepared.items()},
                       after=[t for t in order if not targets[t].train])
